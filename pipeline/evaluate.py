@@ -1,0 +1,72 @@
+"""Stage `evaluate`: one model on one lm-eval suite, with `simple_evaluate` and a `TaskManager`.
+
+A suite is a list of lm-eval task names plus, for local suites, an `include_path` folder of task YAML and data
+under `recipes/evals/` (its `data_files` paths are relative to that folder; the stage runs lm-eval from there).
+Hub suites (`mmlu`, `cmmlu`, ...) need no include_path. Output: `results.json` (per task and metric: value,
+stderr, n; the resolved task configs, package versions and the eval settings) and
+`samples/<task>.jsonl` with every scored document. Nothing time-dependent is written, so a repeated
+evaluation gives an identical artifact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = None, config: dict) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pipeline.hf import device, ensure_available, package_versions
+
+    ensure_available(str(model))
+    dev = device() if config["device"] == "auto" else config["device"]
+    manager = TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None)
+    missing = [t for t in suite["tasks"] if t not in manager.all_tasks]
+    if missing:
+        where = f"in {include_path} or " if include_path else ""
+        raise TunebuildError(f"lm-eval task(s) {', '.join(missing)} not found {where}among lm-eval's own tasks")
+    workdir = Path(include_path).resolve() if include_path else Path.cwd()
+    pretrained = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    with contextlib.chdir(workdir):
+        res = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": pretrained,
+                        "dtype": "float32" if dev == "cpu" else "auto", "device": dev},
+            tasks=list(suite["tasks"]), num_fewshot=suite["num_fewshot"], batch_size=config["batch_size"],
+            limit=suite["limit"] or None, log_samples=True, task_manager=manager,
+            apply_chat_template=suite["apply_chat_template"],
+            gen_kwargs={"max_gen_toks": suite["max_gen_toks"]} if suite["max_gen_toks"] else None, random_seed=0, numpy_random_seed=1234,
+            torch_random_seed=1234, fewshot_random_seed=1234,
+        )
+    metrics = []
+    for task, values in sorted(res["results"].items()):
+        n = res.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in sorted(values.items()):
+            if key in ("alias", "sample_len") or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, _, filt = key.partition(",")
+            stderr = values.get(f"{metric}_stderr,{filt}")
+            metrics.append({"task": task, "subject": "", "metric": metric, "filter": filt, "value": _clean(value),
+                            "stderr": _clean(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
+    result = {"eval_config": {"suite": suite, "batch_size": config["batch_size"]}, "metrics": metrics,
+              "packages": package_versions(),
+              "versions": res.get("versions", {}), "configs": res.get("configs", {}),
+              "higher_is_better": res.get("higher_is_better", {})}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
+    (out_dir / "samples").mkdir()
+    for task, samples in sorted(res.get("samples", {}).items()):
+        with open(out_dir / "samples" / f"{task}.jsonl", "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False, sort_keys=True, default=str) + "\n")
+    return {"metrics": len(metrics)}

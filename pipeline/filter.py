@@ -1,0 +1,142 @@
+"""Stage `filter`: turn the generated task pool into the training dataset.
+
+Rules, in order (self-instruct's bootstrap and prepare_for_finetuning rules):
+1. instruction rules (machine tasks only): fewer than `min_words` or more than `max_words` words, a blocklisted
+   keyword, "Write a program", starting with punctuation, starting with a non-English character (unless the
+   recipe's language is zh);
+2. instance rules (all tasks): empty output, output equal to input, the same input with conflicting outputs;
+   duplicates removed, at most `max_instances_per_task`; a task left with no instance is dropped;
+3. ROUGE-L novelty: a machine instruction whose ROUGE-L F-measure against any instruction already kept (seed
+   instructions first) is above `rouge_threshold` is dropped.
+
+Writes `train.jsonl` and `heldout.jsonl` (conversational prompt/completion records, split per instance by a
+content hash so the split is stable), `dropped.jsonl` (each dropped task with its reason) and `report.json`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+from pipeline.rouge import filter_with_reasons
+
+
+def instruction_problem(inst: str, c: dict) -> str | None:
+    words = inst.split()
+    if len(words) < c["min_words"]:
+        return f"fewer than {c['min_words']} words"
+    if len(words) > c["max_words"]:
+        return f"more than {c['max_words']} words"
+    low = inst.lower()
+    for kw in c["blocklist"]:
+        if re.search(r"\b" + re.escape(kw.lower()) + r"\b", low):
+            return f"blocklisted keyword '{kw}'"
+    if low.startswith("write a program"):
+        return "starts with 'Write a program'"
+    if inst[0] in string.punctuation:
+        return "starts with punctuation"
+    if c["language"] == "en" and not inst[0].isascii():
+        return "starts with a non-English character"
+    return None
+
+
+def clean_instances(instances: list[dict], limit: int) -> tuple[list[dict], Counter]:
+    dropped: Counter = Counter()
+    outputs_by_input: dict[str, set[str]] = {}
+    for ins in instances:
+        outputs_by_input.setdefault(ins["input"].strip(), set()).add(ins["output"].strip())
+    kept, seen = [], set()
+    for ins in instances:
+        inp, out = ins["input"].strip(), ins["output"].strip()
+        if not out:
+            dropped["empty output"] += 1
+        elif inp == out:
+            dropped["output equals input"] += 1
+        elif len(outputs_by_input[inp]) > 1:
+            dropped["conflicting outputs for the same input"] += 1
+        elif (inp, out) in seen:
+            dropped["duplicate instance"] += 1
+        elif len(kept) >= limit:
+            dropped["over max_instances_per_task"] += 1
+        else:
+            seen.add((inp, out))
+            kept.append({"input": inp, "output": out})
+    return kept, dropped
+
+
+def to_example(task: dict, ins: dict) -> dict:
+    user = task["instruction"].strip() + ("\n\n" + ins["input"] if ins["input"] else "")
+    return {"prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": ins["output"]}],
+            "task_id": task["id"], "source": task["source"]}
+
+
+def is_heldout(example: dict, fraction: float) -> bool:
+    key = json.dumps([example["prompt"], example["completion"]], ensure_ascii=False).encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16) / 0x100000000 < fraction
+
+
+def run(out_dir: Path, *, instructions: Path, config: dict) -> dict:
+    c = config
+    tasks = [json.loads(line) for line in Path(instructions).read_text(encoding="utf-8").splitlines() if line]
+    dropped = []
+    instance_drops: Counter = Counter()
+    survivors = []
+    for t in tasks:
+        problem = instruction_problem(t["instruction"], c) if t["source"] == "machine" else None
+        if problem:
+            dropped.append({"id": t["id"], "instruction": t["instruction"], "reason": problem})
+            continue
+        instances, why = clean_instances(t["instances"], c["max_instances_per_task"])
+        instance_drops.update(why)
+        if not instances:
+            dropped.append({"id": t["id"], "instruction": t["instruction"], "reason": "no valid instance"})
+            continue
+        survivors.append(dict(t, instances=instances))
+
+    seeds = [t for t in survivors if t["source"] == "seed"]
+    machine = [t for t in survivors if t["source"] == "machine"]
+    tokenizer = "auto" if c["language"] == "zh" else "default"
+    decisions = filter_with_reasons([t["instruction"] for t in machine], [t["instruction"] for t in seeds],
+                                    c["rouge_threshold"], tokenizer)
+    kept = list(seeds)
+    for t, (ok, similar, score) in zip(machine, decisions):
+        if ok:
+            kept.append(t)
+        else:
+            dropped.append({"id": t["id"], "instruction": t["instruction"],
+                            "reason": f"ROUGE-L above {c['rouge_threshold']}", "most_similar": similar,
+                            "score": round(score, 4)})
+
+    train = heldout = 0
+    with open(out_dir / "train.jsonl", "w", encoding="utf-8") as ftrain, \
+            open(out_dir / "heldout.jsonl", "w", encoding="utf-8") as fheld:
+        for t in kept:
+            for ins in t["instances"]:
+                ex = to_example(t, ins)
+                if is_heldout(ex, c["heldout_fraction"]):
+                    fheld.write(json.dumps(ex, ensure_ascii=False) + "\n")
+                    heldout += 1
+                else:
+                    ftrain.write(json.dumps(ex, ensure_ascii=False) + "\n")
+                    train += 1
+    with open(out_dir / "dropped.jsonl", "w", encoding="utf-8") as f:
+        for d in dropped:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    reasons = Counter(re.sub(r"'.*'", "'…'", d["reason"]) if d["reason"].startswith("blocklisted") else d["reason"]
+                      for d in dropped)
+    report = {
+        "tasks_in": len(tasks), "seed_tasks_kept": len(seeds),
+        "machine_tasks_in": sum(t["source"] == "machine" for t in tasks),
+        "machine_tasks_kept": len(kept) - len(seeds), "dropped_by_reason": dict(sorted(reasons.items())),
+        "instances_dropped_by_reason": dict(sorted(instance_drops.items())),
+        "train_examples": train, "heldout_examples": heldout,
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if train == 0:
+        raise TunebuildError(f"filter kept no training example out of {len(tasks)} tasks (see the reasons above)")
+    return report

@@ -1,0 +1,184 @@
+"""Stage `generate`: self-instruct bootstrapping (Wang et al. 2022), through the LLM client and its ledger.
+
+1. Instruction generation: each request shows `num_prompt_instructions` (8) numbered in-context instructions,
+   `num_machine_in_prompt` (2) of them machine-generated once the pool has some and the rest human (seed) tasks,
+   and asks the model to continue the list; the completion is parsed into new instructions. Requests go out in
+   rounds of `request_batch_size`, until `num_instructions` were parsed or `max_requests` were spent.
+2. Classification identification: a few-shot Yes/No prompt per new instruction.
+3. Instance generation: input-first for ordinary tasks, output-first (class label, then input) for
+   classification tasks.
+
+Output: `instructions.jsonl` (seed tasks first, then machine tasks, in the self-instruct JSONL shape plus
+`source`) and `report.json` (requests, tokens, cost, yield, and why generation stopped). Nothing is filtered
+here beyond exact duplicates; the filter stage decides what is kept.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+
+
+def read_seeds(path: Path) -> list[dict]:
+    seeds = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            task = json.loads(line)
+        except ValueError as e:
+            raise TunebuildError(f"{path}:{n}: not valid JSON: {e}") from None
+        for key, kind in (("instruction", str), ("instances", list), ("is_classification", bool)):
+            if not isinstance(task.get(key), kind):
+                raise TunebuildError(f"{path}:{n}: key '{key}' missing or not {kind.__name__}")
+        for inst in task["instances"]:
+            if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) \
+                    or not isinstance(inst.get("output"), str):
+                raise TunebuildError(f"{path}:{n}: every instance needs string 'input' and 'output'")
+        seeds.append(task)
+    if not seeds:
+        raise TunebuildError(f"{path}: no seed tasks")
+    return seeds
+
+
+def read_template(path: Path, placeholders: tuple[str, ...]) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    for ph in placeholders:
+        if "{" + ph + "}" not in text:
+            raise TunebuildError(f"{path}: prompt template lacks the placeholder {{{ph}}}")
+    return text
+
+
+def render(template: str, **values) -> str:
+    for k, v in values.items():
+        template = template.replace("{" + k + "}", str(v))
+    return template
+
+
+def encode_instruction_prompt(template: str, instructions: list[str]) -> str:
+    lines = [re.sub(r"\s+", " ", inst).strip().rstrip(":") for inst in instructions]
+    examples = "\n".join(f"{i}. {line}" for i, line in enumerate(lines, 1))
+    return render(template, examples=examples, next_index=len(instructions) + 1)
+
+
+def parse_instructions(completion: str, next_index: int) -> list[str]:
+    """Split a numbered-list continuation (which starts right after '<next_index>.') into instructions."""
+    raw = f"{next_index}. " + completion
+    parts = re.split(r"(?:^|\n)\s*\d+\s?\.\s", raw)
+    out = []
+    for part in parts:
+        inst = re.sub(r"\s+", " ", part).strip()
+        if inst:
+            out.append(inst[0].upper() + inst[1:] if inst[0].isalpha() else inst)
+    return out
+
+
+def parse_yes_no(completion: str) -> bool:
+    return completion.strip().lower().startswith("yes")
+
+
+def parse_input_first(completion: str) -> list[dict]:
+    text = re.split(r"\n\s*Task\s*:", completion)[0]
+    examples = re.split(r"Example\s*\d+\s*\.?\s*:?\s*", text)
+    out = []
+    for ex in examples:
+        ex = ex.strip()
+        if not ex:
+            continue
+        pieces = re.split(r"Output\s*\d*\s*:", ex, maxsplit=1)
+        if len(pieces) == 2:
+            inp = re.sub(r"^\s*Input\s*\d*\s*:", "", pieces[0]).strip()
+            out.append({"input": inp, "output": pieces[1].strip()})
+    return out
+
+
+def parse_output_first(completion: str) -> list[dict]:
+    text = re.split(r"\n\s*Task\s*:", completion)[0]
+    out = []
+    for chunk in re.split(r"Class label\s*:", text)[1:]:
+        pieces = re.split(r"Input\s*\d*\s*:", chunk, maxsplit=1)
+        label = pieces[0].strip()
+        inp = pieces[1].strip() if len(pieces) == 2 else ""
+        if label:
+            out.append({"input": inp, "output": label})
+    return out
+
+
+def run(out_dir: Path, *, seeds: Path, prompt: Path, classify_prompt: Path, instance_prompt: Path,
+        instance_prompt_output_first: Path, config: dict, client) -> dict:
+    """Grow the seed tasks into machine tasks with instances. `client` is a `pipeline.llm.Client`."""
+    seed_tasks = read_seeds(seeds)
+    gen_template = read_template(prompt, ("examples", "next_index"))
+    clf_template = read_template(classify_prompt, ("instruction",))
+    in_template = read_template(instance_prompt, ("instruction",))
+    out_template = read_template(instance_prompt_output_first, ("instruction",))
+    c = config
+
+    human = [t["instruction"] for t in seed_tasks]
+    known = {re.sub(r"\s+", " ", h).strip().lower() for h in human}
+    machine: list[str] = []
+    last = c["num_prompt_instructions"] + 8  # as self-instruct: continue the list up to 7 new items
+    sampling = {"max_tokens": c["max_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
+                "stop": ["\n\n", f"\n{last}", f"{last}.", f"{last} ."]}
+    requests = parsed = 0
+    stop_reason = "target reached"
+    round_no = 0
+    while len(machine) < c["num_instructions"]:
+        if requests >= c["max_requests"]:
+            stop_reason = "request budget spent"
+            break
+        batch = []
+        for j in range(min(c["request_batch_size"], c["max_requests"] - requests)):
+            rng = random.Random(f"{c['seed']}-{round_no}-{j}")
+            chosen = rng.sample(machine, min(c["num_machine_in_prompt"], len(machine)))
+            chosen += rng.sample(human, c["num_prompt_instructions"] - len(chosen))
+            rng.shuffle(chosen)
+            batch.append(encode_instruction_prompt(gen_template, chosen))
+        completions = client.complete_many(batch, sampling)
+        requests += len(batch)
+        round_no += 1
+        for completion in completions:
+            for inst in parse_instructions(completion, c["num_prompt_instructions"] + 1):
+                parsed += 1
+                norm = inst.lower()
+                if norm not in known and len(machine) < c["num_instructions"]:
+                    known.add(norm)
+                    machine.append(inst)
+        print(f"generate: {requests} requests, {len(machine)}/{c['num_instructions']} instructions", flush=True)
+
+    short = {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "stop": ["\n"]}
+    is_clf = [parse_yes_no(a) for a in
+              client.complete_many([render(clf_template, instruction=i) for i in machine], short)]
+    inst_sampling = {"max_tokens": c["instance_max_tokens"], "temperature": 0.0, "top_p": 1.0,
+                     "stop": ["\n\nTask:", "\nTask:"]}
+    prompts = [render(out_template if clf else in_template, instruction=i) for i, clf in zip(machine, is_clf)]
+    answers = client.complete_many(prompts, inst_sampling)
+
+    tasks = [dict(t, source="seed") for t in seed_tasks]
+    n_instances = 0
+    for k, (inst, clf, answer) in enumerate(zip(machine, is_clf, answers)):
+        instances = parse_output_first(answer) if clf else parse_input_first(answer)
+        n_instances += len(instances)
+        tasks.append({"id": f"machine_task_{k}", "name": "", "instruction": inst, "instances": instances,
+                      "is_classification": clf, "source": "machine"})
+
+    with open(out_dir / "instructions.jsonl", "w", encoding="utf-8") as f:
+        for t in tasks:
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    report = {
+        "stop_reason": stop_reason,
+        "instruction_requests": requests,
+        "instructions_parsed": parsed,
+        "machine_instructions": len(machine),
+        "classification_tasks": sum(is_clf),
+        "instances": n_instances,
+        "machine_tasks_with_instances": sum(1 for t in tasks[len(seed_tasks):] if t["instances"]),
+        "seed_tasks": len(seed_tasks),
+        "pool_tasks": len(tasks),
+        "usage": client.usage.as_dict(),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report

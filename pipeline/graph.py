@@ -1,0 +1,224 @@
+"""The task graph: recipes in, pydoit task dicts out. No heavy imports here (dodo.py loads this module).
+
+Every stage task of recipe R writes `artifacts/R/<stage>/` and declares as its target the folder's manifest;
+its `file_dep` are the upstream manifests and the recipe files it reads, its `uptodate` is `config_changed` on
+its own config section. Paths are relative to the project root, which is doit's working directory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from pipeline.recipe import Recipe, load_recipes
+
+ARTIFACTS = Path("artifacts")
+DB = ARTIFACTS / "scores.duckdb"
+LEDGER = ARTIFACTS / ".ledger.sqlite"
+MANIFEST = "manifest.json"
+TINY_CONFIG = {"seed": 0}
+
+DOIT_CONFIG = {
+    "backend": "sqlite3",                 # unlike dbm, safe for several doit processes and `doit -n 2`
+    "dep_file": str(ARTIFACTS / ".doit.sqlite"),
+    "continue": True,                     # one recipe that cannot be built does not stop the others
+    "default_tasks": ["build"],
+}
+
+
+def _run(stage: str, recipe: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
+         unkeyed: dict | None = None, config: dict | None = None, cache: bool = True):
+    """The doit action that runs one stage (imported lazily by the runner)."""
+    from pipeline.runner import run_stage  # light: the runner imports stage modules only when a task runs
+
+    return (run_stage, [], {"stage": stage, "recipe": recipe, "out": str(out), "inputs": inputs or {},
+                            "params": params or {}, "unkeyed": unkeyed or {}, "config": config or {},
+                            "cache": cache})
+
+
+def _clean(out: Path):
+    from pipeline.runner import remove_output
+
+    return (remove_output, [str(out)])
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model reference points: the built-in model's folder, a local folder, or a hub id."""
+    ref: str
+    folder: Path | None      # an artifact folder with a manifest (builtin), else None
+    external: str | None     # a local folder path or hub id, passed through as is
+
+    @property
+    def file_dep(self) -> list[str]:
+        return [str(self.folder / MANIFEST)] if self.folder else []
+
+    def as_arg(self, name: str) -> tuple[dict, dict]:
+        """(inputs, params) entries handing this model to a stage as argument `name`."""
+        return ({name: str(self.folder)}, {}) if self.folder else ({}, {name: self.external})
+
+
+def model_source(ref: str) -> ModelSource:
+    if ref.startswith("builtin:"):
+        return ModelSource(ref, ARTIFACTS / "models" / ref.replace(":", "-"), None)
+    return ModelSource(ref, None, ref)
+
+
+def _files_under(root: Path, folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / folder).rglob("*") if p.is_file())
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.recipes_dir = self.root / "recipes"
+        self.recipes: list[Recipe] = load_recipes(self.recipes_dir)
+
+    def rel(self, recipe_path: str) -> str:
+        """A recipe-relative file path as a project-relative one."""
+        return str(Path("recipes") / recipe_path)
+
+    # -- tasks -------------------------------------------------------------------------------------------------
+    def model_tasks(self):
+        refs = sorted({r.config["model"]["base"] for r in self.recipes} |
+                      {r.config["generate"]["model"] for r in self.recipes if r.config["generate"]["backend"] == "local"})
+        for ref in refs:
+            src = model_source(ref)
+            if src.folder is None:
+                continue
+            yield {"name": src.folder.name, "doc": f"build the built-in model {ref}",
+                   "actions": [_run("model", "", src.folder, config=TINY_CONFIG)],
+                   "targets": [str(src.folder / MANIFEST)], "uptodate": [config_changed(TINY_CONFIG)],
+                   "clean": [_clean(src.folder)]}
+
+    def stage_tasks(self, stage: str):
+        for r in self.recipes:
+            yield from getattr(self, f"_{stage}")(r)
+
+    def _out(self, r: Recipe, stage: str) -> Path:
+        return ARTIFACTS / r.name / stage
+
+    def _task(self, r: Recipe, stage: str, name: str, out: Path, *, file_dep: list[str], config: dict,
+              inputs=None, params=None, unkeyed=None, cache=True, verbosity=2, doc="", extra_uptodate=()):
+        return {"name": name, "doc": doc, "file_dep": sorted(set(file_dep)), "targets": [str(out / MANIFEST)],
+                "actions": [_run(stage, r.name, out, inputs=inputs, params=params, unkeyed=unkeyed,
+                                 config=config, cache=cache)],
+                "uptodate": [config_changed(config), *extra_uptodate], "clean": [_clean(out)],
+                "verbosity": verbosity}
+
+    def _generate(self, r: Recipe):
+        c = r.section("generate")
+        files = {k: self.rel(c[k]) for k in ("seeds", "prompt", "classify_prompt", "instance_prompt",
+                                             "instance_prompt_output_first")}
+        inputs, params, deps = dict(files), {}, list(files.values())
+        if c["backend"] == "local":
+            src = model_source(c["model"])
+            i, p = src.as_arg("generator")
+            inputs.update(i)
+            params.update(p)
+            deps += src.file_dep
+        yield self._task(r, "generate", r.name, self._out(r, "generate"), file_dep=deps, config=c,
+                         inputs=inputs, params=params, unkeyed={"ledger": str(LEDGER)},
+                         doc=f"self-instruct generation for {r.name}")
+
+    def _filter(self, r: Recipe):
+        gen = self._out(r, "generate")
+        yield self._task(r, "filter", r.name, self._out(r, "filter"), file_dep=[str(gen / MANIFEST)],
+                         config=r.section("filter"), inputs={"instructions": str(gen / "instructions.jsonl")},
+                         verbosity=1, doc=f"rule + ROUGE-L filtering into the training set for {r.name}")
+
+    def _sft(self, r: Recipe):
+        src = model_source(r.config["model"]["base"])
+        data = self._out(r, "filter")
+        template = self.rel(r.config["model"]["chat_template"])
+        inputs, params = src.as_arg("base_model")
+        inputs.update(train=str(data / "train.jsonl"), chat_template=template)
+        params["base_ref"] = src.ref
+        yield self._task(r, "sft", r.name, self._out(r, "sft"), config=r.section("sft"),
+                         file_dep=[str(data / MANIFEST), template, *src.file_dep], inputs=inputs, params=params,
+                         doc=f"LoRA SFT of {src.ref} for {r.name}")
+
+    def _merge(self, r: Recipe):
+        src = model_source(r.config["model"]["base"])
+        adapter = self._out(r, "sft")
+        inputs, params = src.as_arg("base_model")
+        inputs["adapter"] = str(adapter)
+        yield self._task(r, "merge", r.name, self._out(r, "merge"), config=r.section("merge"),
+                         file_dep=[str(adapter / MANIFEST), *src.file_dep], inputs=inputs, params=params,
+                         verbosity=1, doc=f"merge the adapter into {src.ref} for {r.name}")
+
+    def models(self, r: Recipe) -> dict[str, ModelSource]:
+        """The models a recipe evaluates, by role."""
+        return {"base": model_source(r.config["model"]["base"]),
+                "tuned": ModelSource(f"{r.name}/merge", self._out(r, "merge"), None)}
+
+    def eval_entries(self, r: Recipe) -> list[dict]:
+        """One entry per (model, suite): the evaluation task's name, output folder, and how to run it."""
+        ev = r.section("eval")
+        suites = ev.pop("suites")
+        entries = []
+        for role, src in self.models(r).items():
+            for suite, sc in sorted(suites.items()):
+                entries.append({"role": role, "src": src, "suite": suite, "stage": "evaluate", "settings": sc,
+                                "config": {**{k: ev[k] for k in ("batch_size", "device")}, "suite": sc}})
+            if ev["heldout"]:
+                entries.append({"role": role, "src": src, "suite": "heldout", "stage": "heldout", "settings": None,
+                                "config": {"heldout_max_items": ev["heldout_max_items"]}})
+        for e in entries:
+            e["name"] = f"{r.name}.{e['role']}.{e['suite']}"
+            e["out"] = self._out(r, "eval") / f"{e['role']}-{e['suite']}"
+        return entries
+
+    def _evaluate(self, r: Recipe):
+        data = self._out(r, "filter")
+        template = self.rel(r.config["model"]["chat_template"])
+        for e in self.eval_entries(r):
+            inputs, params = e["src"].as_arg("model")
+            deps = list(e["src"].file_dep)
+            if e["stage"] == "heldout":
+                inputs.update(heldout=str(data / "heldout.jsonl"), chat_template=template)
+                deps += [str(data / MANIFEST), template]
+            else:
+                params["suite"] = e["settings"]
+                if e["settings"]["include_path"]:
+                    folder = Path(self.rel(e["settings"]["include_path"]))
+                    inputs["include_path"] = str(folder)
+                    deps += _files_under(self.root, folder)
+            yield self._task(r, e["stage"], e["name"], e["out"], file_dep=deps, config=e["config"],
+                             inputs=inputs, params=params,
+                             doc=f"{e['suite']} on the {e['role']} model of {r.name}")
+
+    def _scores(self, r: Recipe):
+        entries, deps = [], []
+        for e in self.eval_entries(r):
+            src = e["src"]
+            dataset = str(self._out(r, "filter")) if e["role"] == "tuned" else None
+            entries.append({"role": e["role"], "model_ref": src.ref, "suite": e["suite"], "result": str(e["out"]),
+                            "model": str(src.folder) if src.folder else src.external, "dataset": dataset})
+            deps.append(str(e["out"] / MANIFEST))
+        yield self._task(r, "scores", r.name, self._out(r, "scores"), file_dep=deps, config={"entries": entries},
+                         params={"recipe": r.name, "entries": entries}, unkeyed={"db": str(DB)}, cache=False,
+                         verbosity=1, extra_uptodate=[DB.exists], doc=f"load {r.name}'s results into {DB}")
+
+    def _report(self, r: Recipe):
+        scores = self._out(r, "scores")
+        yield self._task(r, "report", r.name, self._out(r, "report"), file_dep=[str(scores / MANIFEST)],
+                         config={}, inputs={"scores": str(scores)}, params={"recipe": r.name},
+                         unkeyed={"db": str(DB)}, cache=False, doc=f"base vs tuned table for {r.name}")
+
+    def recipe_stages(self, r: Recipe) -> list[str]:
+        tasks = [f"{s}:{r.name}" for s in ("generate", "filter", "sft", "merge")]
+        tasks += [f"evaluate:{e['name']}" for e in self.eval_entries(r)]
+        return tasks + [f"scores:{r.name}", f"report:{r.name}"]
+
+    def build_tasks(self):
+        for r in self.recipes:
+            yield {"name": r.name, "doc": f"build {r.name} end to end: {r.config['description']}",
+                   "actions": None, "task_dep": self.recipe_stages(r)}
+
+    def eval_tasks(self):
+        for r in self.recipes:
+            evals = [f"evaluate:{e['name']}" for e in self.eval_entries(r)]
+            yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores",
+                   "actions": None, "task_dep": [*evals, f"scores:{r.name}", f"report:{r.name}"]}

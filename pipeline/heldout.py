@@ -1,0 +1,69 @@
+"""Stage `heldout`: what fine-tuning taught, measured on held-out dataset instances.
+
+For each held-out prompt/completion record, the mean negative log-likelihood of the reference response given the
+prompt, both rendered with the chat template the tuned model was trained with (the same template for the base
+and the tuned model, so the two numbers compare). Metrics: `loss` (token-weighted mean NLL) and `perplexity`
+(exp of it), with a standard error over items and per-item samples.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+
+
+def run(out_dir: Path, *, model: str, heldout: Path, chat_template: Path, config: dict) -> dict:
+    import torch
+
+    from pipeline.hf import load_causal_lm, package_versions
+
+    records = [json.loads(line) for line in Path(heldout).read_text(encoding="utf-8").splitlines() if line]
+    records = records[: config["heldout_max_items"]]
+    if not records:
+        raise TunebuildError(f"{heldout} holds no held-out example (raise filter.heldout_fraction)")
+    lm, tok = load_causal_lm(model, dtype="float32")
+    tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    lm.eval()
+    limit = getattr(lm.config, "max_position_embeddings", 4096)
+    samples, total_nll, total_tokens = [], 0.0, 0
+    for i, r in enumerate(records):
+        prompt_ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+        full_ids = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)
+        full_ids = full_ids[:limit]
+        start = len(prompt_ids)
+        if full_ids[:start] != prompt_ids or start >= len(full_ids):
+            raise TunebuildError(f"{chat_template}: rendering a conversation does not extend its prompt "
+                                 "(the template must render the prompt as a prefix)")
+        ids = torch.tensor([full_ids], device=lm.device)
+        with torch.no_grad():
+            logits = lm(ids).logits[0, :-1].float()
+        targets = ids[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[start - 1:]
+        item_nll, n_tok = float(nll.sum()), int(nll.numel())
+        total_nll += item_nll
+        total_tokens += n_tok
+        samples.append({"doc_id": i, "task_id": r.get("task_id"), "tokens": n_tok,
+                        "loss": round(item_nll / n_tok, 6)})
+    loss = total_nll / total_tokens
+    per_item = [s["loss"] for s in samples]
+    mean = sum(per_item) / len(per_item)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in per_item) / max(len(per_item) - 1, 1))
+    stderr = sd / math.sqrt(len(per_item))
+    metrics = [
+        {"task": "heldout", "subject": "", "metric": "loss", "filter": "", "value": round(loss, 6),
+         "stderr": round(stderr, 6), "n": len(records)},
+        {"task": "heldout", "subject": "", "metric": "perplexity", "filter": "", "value": round(math.exp(loss), 6),
+         "stderr": None, "n": len(records)},
+    ]
+    result = {"eval_config": {"heldout_max_items": config["heldout_max_items"],
+                              "chat_template": tok.chat_template}, "metrics": metrics, "packages": package_versions(),
+              "higher_is_better": {"heldout": {"loss": False, "perplexity": False}}}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    (out_dir / "samples").mkdir()
+    with open(out_dir / "samples" / "heldout.jsonl", "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    return {"loss": loss}

@@ -1,0 +1,263 @@
+"""Recipe schema: the one place that says which keys a recipe may hold, their types and defaults.
+
+A recipe is `recipes/<name>.toml`. It may `extends = "other.toml"` and override any key. Validation happens when
+`dodo.py` loads, before any task runs; every problem is reported as `<file>: <dotted.key>: <what was expected>`.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+
+REQUIRED = object()
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny",)
+
+
+class RecipeError(TunebuildError):
+    """A recipe is invalid. The message names the file and the dotted key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple
+    default: object = REQUIRED
+    choices: tuple = ()
+    file: bool = False  # a path relative to the recipes folder that must exist
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class TableOf:
+    """A table whose keys the user names (e.g. eval suites); every value follows `schema`."""
+    schema: dict
+
+
+BLOCKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+             "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+
+SCHEMA: dict = {
+    "description": Key(str, ""),
+    "extends": Key(str, None, doc="another recipe file (relative to this one) whose keys this one overrides"),
+    "model": {
+        "base": Key(str, doc="'builtin:tiny', a local model folder or a Hugging Face hub id"),
+        "chat_template": Key(str, file=True, doc="Jinja chat template used for training and saved with the model"),
+    },
+    "generate": {
+        "backend": Key(str, "openai", choices=("openai", "local")),
+        "model": Key(str, doc="endpoint model name (openai) or model reference (local)"),
+        "api": Key(str, "completions", choices=("completions", "chat")),
+        "base_url": Key(str, None),
+        "api_key_env": Key(str, "OPENAI_API_KEY"),
+        "concurrency": Key(int, 4),
+        "price_per_1k_tokens": Key(float, 0.0),
+        "seeds": Key(str, file=True),
+        "prompt": Key(str, file=True),
+        "classify_prompt": Key(str, file=True),
+        "instance_prompt": Key(str, file=True),
+        "instance_prompt_output_first": Key(str, file=True),
+        "num_instructions": Key(int, 100, doc="stop once this many machine instructions were parsed"),
+        "max_requests": Key(int, 1000, doc="request budget for instruction generation"),
+        "request_batch_size": Key(int, 5),
+        "num_prompt_instructions": Key(int, 8),
+        "num_machine_in_prompt": Key(int, 2),
+        "temperature": Key(float, 0.7),
+        "top_p": Key(float, 0.5),
+        "max_tokens": Key(int, 1024),
+        "instance_max_tokens": Key(int, 300),
+        "seed": Key(int, 42),
+    },
+    "filter": {
+        "rouge_threshold": Key(float, 0.7),
+        "min_words": Key(int, 4, doc="instructions with fewer words are dropped"),
+        "max_words": Key(int, 150),
+        "blocklist": Key(list, BLOCKLIST),
+        "language": Key(str, "en", choices=("en", "zh")),
+        "max_instances_per_task": Key(int, 5),
+        "heldout_fraction": Key(float, 0.1),
+    },
+    "sft": {
+        "max_steps": Key(int, -1, doc="-1: train num_epochs epochs"),
+        "num_epochs": Key(float, 3.0),
+        "learning_rate": Key(float, 2e-4),
+        "batch_size": Key(int, 4),
+        "gradient_accumulation_steps": Key(int, 1),
+        "max_length": Key(int, 1024),
+        "warmup_steps": Key(int, 0),
+        "lr_scheduler": Key(str, "linear"),
+        "logging_steps": Key(int, 10),
+        "seed": Key(int, 42),
+        "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16")),
+        "lora": {
+            "r": Key(int, 8),
+            "alpha": Key(int, 16),
+            "dropout": Key(float, 0.05),
+            "target_modules": Key(list, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        },
+    },
+    "merge": {
+        "dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16")),
+    },
+    "eval": {
+        "batch_size": Key(int, 8),
+        "device": Key(str, "auto"),
+        "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
+        "heldout_max_items": Key(int, 200),
+        "suites": TableOf({
+            "tasks": Key(list, doc="lm-eval task or group names"),
+            "include_path": Key(str, None, file=True, doc="folder of lm-eval task YAML (+ data) under recipes/"),
+            "num_fewshot": Key(int, 0),
+            "limit": Key(int, 0, doc="0: all documents"),
+            "apply_chat_template": Key(bool, False),
+            "max_gen_toks": Key(int, 0, doc="0: each task's own generation_kwargs"),
+        }),
+    },
+}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path                 # the recipe file
+    files: tuple[Path, ...]    # the recipe files it was merged from (itself and what it extends)
+    config: dict               # validated, defaults filled; file keys stay relative to the recipes folder
+
+    def section(self, name: str) -> dict:
+        return copy.deepcopy(self.config[name])
+
+
+def _type_name(t) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    return names.get(t, getattr(t, "__name__", str(t)))
+
+
+def _check_value(where: str, key: Key, value):
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and key.type is not bool:
+        raise RecipeError(f"{where}: expected {_type_name(key.type)}, got {value!r}")
+    if not isinstance(value, key.type):
+        raise RecipeError(f"{where}: expected {_type_name(key.type)}, got {value!r}")
+    if key.choices and value not in key.choices:
+        raise RecipeError(f"{where}: expected one of {', '.join(map(repr, key.choices))}, got {value!r}")
+    if key.type is list and not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where}: expected a list of strings, got {value!r}")
+    return value
+
+
+def _validate(table: dict, schema: dict, prefix: str, file: Path, recipes_dir: Path) -> dict:
+    out = {}
+    for k in table:
+        if k not in schema:
+            known = ", ".join(sorted(schema))
+            raise RecipeError(f"{file}: unknown key '{prefix}{k}' (known keys here: {known})")
+    for k, spec in schema.items():
+        dotted = f"{prefix}{k}"
+        where = f"{file}: {dotted}"
+        if isinstance(spec, dict):
+            sub = table.get(k, {})
+            if not isinstance(sub, dict):
+                raise RecipeError(f"{where}: expected a table [{dotted}], got {sub!r}")
+            out[k] = _validate(sub, spec, dotted + ".", file, recipes_dir)
+        elif isinstance(spec, TableOf):
+            sub = table.get(k, {})
+            if not isinstance(sub, dict):
+                raise RecipeError(f"{where}: expected a table of named entries, got {sub!r}")
+            out[k] = {}
+            for name, entry in sub.items():
+                if not isinstance(entry, dict):
+                    raise RecipeError(f"{where}.{name}: expected a table, got {entry!r}")
+                if not NAME_RE.match(name):
+                    raise RecipeError(f"{where}.{name}: names may hold letters, digits, '_', '.', '-' only")
+                out[k][name] = _validate(entry, spec.schema, f"{dotted}.{name}.", file, recipes_dir)
+        elif k in table:
+            value = _check_value(where, spec, table[k])
+            if spec.file and not (recipes_dir / value).exists():
+                raise RecipeError(f"{where}: file '{value}' does not exist (paths are relative to {recipes_dir})")
+            out[k] = value
+        elif spec.default is REQUIRED:
+            raise RecipeError(f"{where}: required key is missing ({spec.doc or _type_name(spec.type)})")
+        else:
+            out[k] = copy.deepcopy(spec.default)
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = copy.deepcopy(v)
+    return merged
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read: {e.strerror}") from None
+
+
+def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, tuple[Path, ...]]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(p.name for p in (*seen, path))
+        raise RecipeError(f"{seen[0]}: extends: circular ({chain})")
+    raw = _read_toml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw, (path,)
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected a string naming a recipe file, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.exists():
+        raise RecipeError(f"{path}: extends: file '{parent}' does not exist")
+    base, files = _resolve_extends(parent_path, (*seen, path))
+    return _deep_merge(base, raw), (path, *files)
+
+
+def load_recipe(path: Path, recipes_dir: Path) -> Recipe:
+    """Read, merge (extends) and validate one recipe file."""
+    path = Path(path)
+    name = path.stem
+    if not NAME_RE.match(name):
+        raise RecipeError(f"{path}: recipe file names may hold letters, digits, '_', '.', '-' only")
+    raw, files = _resolve_extends(path)
+    config = _validate(raw, SCHEMA, "", path, recipes_dir)
+    config.pop("extends", None)
+    _check_semantics(path, config)
+    return Recipe(name=name, path=path, files=files, config=config)
+
+
+def _check_semantics(path: Path, c: dict) -> None:
+    for dotted in ("model.base", "generate.model"):
+        section, key = dotted.split(".")
+        ref = c[section][key]
+        if ref.startswith(BUILTIN_PREFIX) and ref not in BUILTIN_MODELS:
+            raise RecipeError(f"{path}: {dotted}: unknown built-in model {ref!r} (known: {', '.join(BUILTIN_MODELS)})")
+    g = c["generate"]
+    if g["backend"] == "openai" and g["model"].startswith(BUILTIN_PREFIX):
+        raise RecipeError(f"{path}: generate.model: {g['model']!r} is a built-in model; set generate.backend = 'local'")
+    if not 0 < g["num_machine_in_prompt"] < g["num_prompt_instructions"]:
+        raise RecipeError(f"{path}: generate.num_machine_in_prompt: expected 1..num_prompt_instructions-1")
+    if not 0.0 <= c["filter"]["heldout_fraction"] < 1.0:
+        raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
+    if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:
+        raise RecipeError(f"{path}: filter.rouge_threshold: expected a number in (0, 1]")
+    if not c["eval"]["suites"] and not c["eval"]["heldout"]:
+        raise RecipeError(f"{path}: eval.suites: no suite and eval.heldout = false: nothing would be evaluated")
+
+
+def load_recipes(recipes_dir: Path) -> list[Recipe]:
+    """Every `*.toml` directly under `recipes_dir`, validated. Raises RecipeError on the first bad one."""
+    return [load_recipe(p, recipes_dir) for p in sorted(Path(recipes_dir).glob("*.toml"))]

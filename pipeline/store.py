@@ -1,0 +1,160 @@
+"""Artifact store: stable output folders finished by a manifest, atomic writes, and the content-keyed run cache.
+
+- An output folder is finished only when `manifest.json` exists in it. The manifest lists every file with its
+  size and sha256 and nothing else, so it changes exactly when the content changes (doit's md5 check on it then
+  gives early cutoff downstream).
+- Work happens in a temporary sibling folder that is renamed into place, so a failed or killed stage never leaves
+  something that looks finished, and the previous output stays until the new one is complete.
+- The run cache keeps finished outputs under `artifacts/.cache/<stage>/<key>/`, keyed by (stage, version, config,
+  input digests); a hit is restored with hard links instead of recomputing.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def input_digest(path: Path) -> str:
+    """Digest of an input: a folder artifact by its manifest, another folder by its files, a file by content."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return sha256_file(path / MANIFEST)
+        return digest_json({p.relative_to(path).as_posix(): sha256_file(p)
+                            for p in sorted(path.rglob("*")) if p.is_file()})
+    return sha256_file(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `<path>.lock`, held across processes for the duration of the block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_manifest(folder: Path) -> dict:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"files": files}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+def is_complete(folder: Path) -> bool:
+    """True when the folder has a manifest and every listed file is there with its size."""
+    m = folder / MANIFEST
+    if not m.is_file():
+        return False
+    try:
+        files = json.loads(m.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((folder / rel).is_file() and (folder / rel).stat().st_size == info["size"]
+               for rel, info in files.items())
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a finished folder as hard links (a copy where links are impossible), manifest last."""
+    dst.mkdir(parents=True)
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            target = dst / p.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:
+                shutil.copy2(p, target)
+    shutil.copy2(src / MANIFEST, dst / MANIFEST)
+
+
+def _remove_stale_temps(final: Path) -> None:
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield an empty temporary sibling of `final`; on success write its manifest and move it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_manifest(tmp)
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cache_key(stage: str, version: int, config: dict, inputs: dict[str, str]) -> str:
+    return digest_json({"stage": stage, "version": version, "config": config, "inputs": inputs})[:40]
+
+
+def build_cached(final: Path, cache_root: Path | None, stage: str, key: str, compute) -> str:
+    """Make `final` hold the output of `compute(tmp_folder)`, restoring it from the run cache when possible.
+
+    Returns "restored" or "computed".
+    """
+    final = Path(final)
+    entry = Path(cache_root) / stage / key if cache_root else None
+    if entry is not None and is_complete(entry):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            _link_tree(entry, tmp)
+            _swap_into_place(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return "restored"
+    with atomic_folder(final) as tmp:
+        compute(tmp)
+    if entry is not None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = entry.parent / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        _link_tree(final, staging)
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(staging, entry)
+    return "computed"
