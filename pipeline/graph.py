@@ -27,12 +27,12 @@ DOIT_CONFIG = {
 }
 
 
-def _run(stage: str, recipe: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
+def _run(stage: str, label: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
          unkeyed: dict | None = None, config: dict | None = None, cache: bool = True):
     """The doit action that runs one stage (imported lazily by the runner)."""
     from pipeline.runner import run_stage  # light: the runner imports stage modules only when a task runs
 
-    return (run_stage, [], {"stage": stage, "recipe": recipe, "out": str(out), "inputs": inputs or {},
+    return (run_stage, [], {"stage": stage, "label": label, "out": str(out), "inputs": inputs or {},
                             "params": params or {}, "unkeyed": unkeyed or {}, "config": config or {},
                             "cache": cache})
 
@@ -74,6 +74,7 @@ class Project:
         self.root = Path(root)
         self.recipes_dir = self.root / "recipes"
         self.recipes: list[Recipe] = load_recipes(self.recipes_dir)
+        (self.root / ARTIFACTS).mkdir(exist_ok=True)  # doit's state file lives there
 
     def rel(self, recipe_path: str) -> str:
         """A recipe-relative file path as a project-relative one."""
@@ -88,7 +89,7 @@ class Project:
             if src.folder is None:
                 continue
             yield {"name": src.folder.name, "doc": f"build the built-in model {ref}",
-                   "actions": [_run("model", "", src.folder, config=TINY_CONFIG)],
+                   "actions": [_run("model", f"model:{src.folder.name}", src.folder, config=TINY_CONFIG)],
                    "targets": [str(src.folder / MANIFEST)], "uptodate": [config_changed(TINY_CONFIG)],
                    "clean": [_clean(src.folder)]}
 
@@ -101,9 +102,10 @@ class Project:
 
     def _task(self, r: Recipe, stage: str, name: str, out: Path, *, file_dep: list[str], config: dict,
               inputs=None, params=None, unkeyed=None, cache=True, verbosity=2, doc="", extra_uptodate=()):
+        basename = "evaluate" if stage == "heldout" else stage  # both kinds of evaluation share `evaluate:`
         return {"name": name, "doc": doc, "file_dep": sorted(set(file_dep)), "targets": [str(out / MANIFEST)],
-                "actions": [_run(stage, r.name, out, inputs=inputs, params=params, unkeyed=unkeyed,
-                                 config=config, cache=cache)],
+                "actions": [_run(stage, f"{basename}:{name}", out, inputs=inputs, params=params,
+                                 unkeyed=unkeyed, config=config, cache=cache)],
                 "uptodate": [config_changed(config), *extra_uptodate], "clean": [_clean(out)],
                 "verbosity": verbosity}
 

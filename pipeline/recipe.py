@@ -240,6 +240,14 @@ def load_recipe(path: Path, recipes_dir: Path) -> Recipe:
 
 
 def _check_semantics(path: Path, c: dict) -> None:
+    import jinja2
+
+    template = path.parent / c["model"]["chat_template"]
+    try:
+        jinja2.Environment().parse(template.read_text(encoding="utf-8"))
+    except jinja2.TemplateSyntaxError as e:
+        raise RecipeError(f"{path}: model.chat_template: {template} is not a valid Jinja template "
+                          f"(line {e.lineno}: {e.message})") from None
     for dotted in ("model.base", "generate.model"):
         section, key = dotted.split(".")
         ref = c[section][key]

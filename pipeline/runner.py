@@ -35,16 +35,15 @@ def _entry(stage: str):
     return module.run
 
 
-def run_stage(*, stage: str, recipe: str, out: str, inputs: dict, params: dict, unkeyed: dict, config: dict,
+def run_stage(*, stage: str, label: str, out: str, inputs: dict, params: dict, unkeyed: dict, config: dict,
               cache: bool = True):
-    label = f"{stage}:{recipe}" if recipe else stage
     try:
         key = cache_key(stage, VERSIONS[stage], config,
                         {**{k: input_digest(Path(v)) for k, v in inputs.items()}, **params})
         entry = _entry(stage)
         kwargs = {**{k: Path(v) for k, v in inputs.items()}, **params, **unkeyed}
         if stage == "generate":
-            kwargs["recipe"] = recipe
+            kwargs["recipe"] = label.split(":", 1)[1]
 
         def compute(tmp: Path):
             entry(tmp, config=config, **kwargs)

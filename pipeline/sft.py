@@ -11,6 +11,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from pipeline.errors import TunebuildError
+
 
 def _precision(setting: str) -> str:
     import torch
@@ -35,6 +37,10 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, train: Path, chat_temp
     model, tokenizer = load_causal_lm(base_model, dtype="float32")
     tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     dataset = load_dataset("json", data_files=str(train), split="train").select_columns(["prompt", "completion"])
+    try:
+        tokenizer.apply_chat_template(dataset[0]["prompt"] + dataset[0]["completion"], tokenize=False)
+    except Exception as e:  # jinja2 errors, raise_exception() in the template, ...
+        raise TunebuildError(f"{chat_template}: the chat template fails on a training example: {e}") from None
 
     log: list[dict] = []
 

@@ -1,0 +1,165 @@
+"""doit for real, in a temporary project: what runs after each kind of edit.
+
+The tests share one project and run in file order; each starts from the state the previous one left (all built).
+The test recipe `t` is mini_lima on the built-in tiny model with the generator served by a local
+OpenAI-compatible server, sized to build in about a minute.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from conftest import ROOT, copy_project, run_doit
+from openai_server import FakeOpenAI
+
+RECIPE = """extends = "mini_lima.toml"
+[model]
+base = "builtin:tiny"
+[generate]
+base_url = "{url}"
+api_key_env = "TB_TEST_KEY"
+num_instructions = 8
+max_requests = 6
+request_batch_size = 2
+[sft]
+max_steps = 3
+batch_size = 2
+max_length = 128
+logging_steps = 1
+[merge]
+dtype = "float32"
+[eval]
+batch_size = 8
+heldout_max_items = 8
+[eval.suites.tb_basic]
+limit = 4
+"""
+ENV = {"TB_TEST_KEY": "test", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""}
+STAGES_T = {"generate:t", "filter:t", "sft:t", "merge:t", "evaluate:t.base.tb_basic", "evaluate:t.base.heldout",
+            "evaluate:t.tuned.tb_basic", "evaluate:t.tuned.heldout", "scores:t", "report:t"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("project"), recipes=("mini_lima.toml",))
+    with FakeOpenAI() as server:
+        (root / "recipes" / "t.toml").write_text(RECIPE.format(url=server.url))
+        yield root
+
+
+def doit(project, *args, check=True):
+    executed, uptodate, out, rc = run_doit(project, *args, env=ENV, check=check)
+    return set(executed), out, rc
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
+    executed, out, rc = doit(project, "eval", check=False)
+    assert rc != 0  # mini_lima cannot be built offline ...
+    assert "generate:mini_lima: environment variable OPENAI_API_KEY is not set" in out
+    assert "evaluate:mini_lima.base.tb_basic: model 'Qwen/Qwen1.5-0.5B' is not a local folder" in out
+    assert STAGES_T <= executed  # ... and the other recipe still completes
+    assert (project / "artifacts/t/report/comparison.md").exists()
+    con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
+    rows = con.execute("SELECT model, suite, task, metric, value, n, model_digest, dataset_digest, "
+                       "eval_config_digest, packages FROM scores WHERE recipe = 't'").fetchall()
+    assert {(r[0], r[1]) for r in rows} == {("base", "tb_basic"), ("tuned", "tb_basic"), ("base", "heldout"),
+                                            ("tuned", "heldout")}
+    assert {r[2] for r in rows} == {"tb_capitals_mc", "tb_arithmetic_gen", "heldout"}
+    assert all(r[6] and r[8] for r in rows)
+    assert all(r[7] for r in rows if r[0] == "tuned") and all(r[7] is None for r in rows if r[0] == "base")
+    assert json.loads(rows[0][9])["transformers"]
+    loss = dict(con.execute("SELECT model, value FROM scores WHERE recipe='t' AND metric='loss'").fetchall())
+    assert loss["tuned"] != loss["base"]
+    cmp_rows = con.execute("SELECT count(*) FROM comparison WHERE recipe = 't'").fetchone()[0]
+    assert cmp_rows == 5
+    gen = json.loads((project / "artifacts/t/generate/report.json").read_text())
+    assert gen["machine_instructions"] == 8 and gen["usage"]["requests"] > 0
+
+
+def test_second_build_executes_nothing(project):
+    executed, out, _ = doit(project, "build:t")
+    assert executed == set(), out
+
+
+def test_eval_prompt_edit_reruns_only_evaluation_and_scores(project):
+    edit(project / "recipes/evals/tb_basic/tb_capitals_mc.yaml", 'doc_to_text: "Question:', 'doc_to_text: "Q:')
+    executed, out, _ = doit(project, "build:t")
+    assert executed == {"evaluate:t.base.tb_basic", "evaluate:t.tuned.tb_basic", "scores:t", "report:t"}, out
+
+
+def test_eval_setting_edit_reruns_only_evaluation_and_scores(project):
+    edit(project / "recipes/t.toml", "limit = 4", "limit = 3")
+    executed, out, _ = doit(project, "build:t")
+    assert executed == {"evaluate:t.base.tb_basic", "evaluate:t.tuned.tb_basic", "scores:t", "report:t"}, out
+
+
+def test_chat_template_edit_retrains_but_does_not_regenerate(project):
+    edit(project / "recipes/templates/qwen.jinja", "You are a helpful assistant.", "You are a careful assistant.")
+    executed, out, _ = doit(project, "build:t")
+    assert {"sft:t", "merge:t", "evaluate:t.tuned.tb_basic", "evaluate:t.tuned.heldout",
+            "evaluate:t.base.heldout", "scores:t", "report:t"} <= executed, out
+    assert not executed & {"generate:t", "filter:t", "evaluate:t.base.tb_basic"}, out
+
+
+def test_generation_prompt_edit_reruns_generation_and_downstream(project):
+    prompt = project / "recipes/prompts/self_instruct.txt"
+    before = prompt.read_text()
+    edit(prompt, "Come up with a series of tasks:\n", "Come up with a series of tasks:\n\n")
+    executed, out, _ = doit(project, "build:t")
+    assert {"generate:t", "filter:t", "sft:t", "merge:t", "evaluate:t.tuned.tb_basic"} <= executed, out
+    # reverting the prompt restores every stage from the run cache instead of recomputing
+    prompt.write_text(before)
+    executed, out, _ = doit(project, "build:t")
+    assert "generate:t" in executed and "generate:t: restored from the run cache" in out, out
+    assert "sft:t: restored from the run cache" in out
+
+
+def _tmp_folders(project, stage):
+    return list((project / "artifacts/t").glob(f".{stage}.tmp-*"))
+
+
+def test_killed_stage_leaves_no_manifest_and_next_run_redoes_it(project):
+    template = project / "recipes/templates/qwen.jinja"
+    edit(template, "You are a careful assistant.", "You are a patient assistant.")
+    manifest = project / "artifacts/t/sft/manifest.json"
+    old = manifest.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "build:t"], cwd=project, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not _tmp_folders(project, "sft") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert _tmp_folders(project, "sft"), "sft never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert all(not (t / "manifest.json").exists() for t in _tmp_folders(project, "sft"))
+    assert manifest.read_bytes() == old  # the previous finished output is untouched
+    executed, out, _ = doit(project, "build:t")
+    assert "sft:t" in executed and manifest.read_bytes() != old, out
+    assert not _tmp_folders(project, "sft")
+
+
+def test_failing_stage_reports_one_line_and_keeps_what_was_built(project):
+    template = project / "recipes/templates/qwen.jinja"
+    good = template.read_text()
+    manifest = project / "artifacts/t/sft/manifest.json"
+    old = manifest.read_bytes()
+    template.write_text("{{ raise_exception('templates need a system turn') }}" + good)
+    executed, out, rc = doit(project, "build:t", check=False)
+    assert rc != 0 and "sft:t" in executed and "merge:t" not in executed
+    assert "sft:t: " in out and "the chat template fails on a training example: templates need a system turn" in out
+    assert manifest.read_bytes() == old and not _tmp_folders(project, "sft")
+    template.write_text(good)
+    executed, out, _ = doit(project, "build:t")
+    assert "sft:t" in executed, out

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import RecipeError, load_recipe, load_recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def write(tmp_path, name, text):
+    (tmp_path / "templates").mkdir(exist_ok=True)
+    (tmp_path / "templates" / "t.jinja").write_text("{{ messages }}")
+    for f in ("seeds.jsonl", "p.txt"):
+        (tmp_path / f).write_text("x")
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = """
+[model]
+base = "builtin:tiny"
+chat_template = "templates/t.jinja"
+[generate]
+backend = "local"
+model = "builtin:tiny"
+seeds = "seeds.jsonl"
+prompt = "p.txt"
+classify_prompt = "p.txt"
+instance_prompt = "p.txt"
+instance_prompt_output_first = "p.txt"
+[eval.suites.s]
+tasks = ["x"]
+"""
+
+
+def test_shipped_recipes_validate_and_demo_extends_mini_lima():
+    recipes = {r.name: r for r in load_recipes(RECIPES)}
+    assert {"demo", "mini_lima"} <= set(recipes)
+    mini, demo = recipes["mini_lima"], recipes["demo"]
+    assert mini.config["model"]["base"] == "Qwen/Qwen1.5-0.5B"
+    assert mini.config["generate"]["backend"] == "openai"
+    assert demo.config["model"]["base"] == "builtin:tiny"
+    assert demo.config["generate"]["backend"] == "local"
+    # inherited, not repeated
+    assert demo.config["model"]["chat_template"] == mini.config["model"]["chat_template"] == "templates/qwen.jinja"
+    assert demo.config["eval"]["suites"] == mini.config["eval"]["suites"]
+    assert demo.files[1] == (RECIPES / "mini_lima.toml").resolve()
+
+
+def test_defaults_filled(tmp_path):
+    r = load_recipe(write(tmp_path, "a.toml", BASE), tmp_path)
+    assert r.config["filter"]["rouge_threshold"] == 0.7
+    assert r.config["eval"]["suites"]["s"]["num_fewshot"] == 0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (BASE.replace("[filter]", "") + "\n[filter]\nrouge_treshold = 0.5\n", "unknown key 'filter.rouge_treshold'"),
+    (BASE + "\n[sft]\nlearning_rate = 'fast'\n", "sft.learning_rate: expected a number, got 'fast'"),
+    (BASE + "\n[sft]\nmax_steps = true\n", "sft.max_steps: expected an integer, got True"),
+    (BASE.replace('prompt = "p.txt"', 'prompt = "missing.txt"'), "generate.prompt: file 'missing.txt' does not exist"),
+    (BASE.replace('backend = "local"', 'backend = "vllm"'), "generate.backend: expected one of 'openai', 'local'"),
+    (BASE.replace('base = "builtin:tiny"', 'base = "builtin:huge"'), "model.base: unknown built-in model"),
+    (BASE.replace('base = "builtin:tiny"\n', ''), "model.base: required key is missing"),
+    (BASE + "\n[eval.suites.s2]\ntasks = ['y']\nshots = 5\n", "unknown key 'eval.suites.s2.shots'"),
+    ("bogus = 1\n" + BASE, "unknown key 'bogus'"),
+    ("[model\n", "not valid TOML"),
+])
+def test_bad_recipes_name_file_and_key(tmp_path, edit, message):
+    path = write(tmp_path, "bad.toml", edit)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, tmp_path)
+    assert str(path) in str(e.value)
+    assert message in str(e.value)
+
+
+def test_broken_chat_template_is_a_recipe_error(tmp_path):
+    path = write(tmp_path, "a.toml", BASE)
+    (tmp_path / "templates" / "t.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(RecipeError, match=r"model.chat_template: .*t.jinja is not a valid Jinja template"):
+        load_recipe(path, tmp_path)
+
+
+def test_extends_overrides_and_detects_cycles(tmp_path):
+    write(tmp_path, "a.toml", BASE)
+    child = write(tmp_path, "b.toml", 'extends = "a.toml"\n[filter]\nrouge_threshold = 0.5\n')
+    r = load_recipe(child, tmp_path)
+    assert r.config["filter"]["rouge_threshold"] == 0.5
+    assert r.config["generate"]["model"] == "builtin:tiny"
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n' + BASE)
+    with pytest.raises(RecipeError, match="circular"):
+        load_recipe(child, tmp_path)
+
+
+def test_bad_recipe_stops_dodo_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import copy_project
+
+    copy_project(tmp_path)
+    (tmp_path / "recipes" / "typo.toml").write_text('extends = "mini_lima.toml"\n[sft]\nlerning_rate = 1\n')
+    proc = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0
+    assert "typo.toml: unknown key 'sft.lerning_rate'" in proc.stderr
+    assert "Traceback" not in proc.stderr
