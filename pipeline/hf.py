@@ -64,10 +64,11 @@ def ensure_available(ref: str) -> None:
                           f"{endpoint.hostname} cannot be reached ({e.strerror or e})") from None
 
 
-def load_tokenizer(ref: str):
+def load_tokenizer(ref: str, check: bool = True):
     from transformers import AutoTokenizer
 
-    ensure_available(ref)
+    if check:
+        ensure_available(ref)
     try:
         tok = AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError) as e:
@@ -83,7 +84,7 @@ def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True
     from transformers import AutoModelForCausalLM
 
     ensure_available(ref)
-    tok = load_tokenizer(ref) if with_tokenizer else None
+    tok = load_tokenizer(ref, check=False) if with_tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
