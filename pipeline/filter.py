@@ -10,7 +10,9 @@ Rules, in order (self-instruct's bootstrap and prepare_for_finetuning rules):
    instructions first) is above `rouge_threshold` is dropped.
 
 Writes `train.jsonl` and `heldout.jsonl` (conversational prompt/completion records, split per instance by a
-content hash so the split is stable), `dropped.jsonl` (each dropped task with its reason) and `report.json`.
+content hash so the split is stable), `dropped.jsonl` (each dropped task with its reason, and for ROUGE drops the
+kept instruction it matched and the score), `similarity.png` (histogram of each machine instruction's highest
+ROUGE-L against the instructions before it, exact above half the threshold) and `report.json`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
+from pipeline.plots import similarity_histogram
 from pipeline.rouge import filter_with_reasons
 
 
@@ -101,8 +104,9 @@ def run(out_dir: Path, *, instructions: Path, config: dict) -> dict:
     seeds = [t for t in survivors if t["source"] == "seed"]
     machine = [t for t in survivors if t["source"] == "machine"]
     tokenizer = "auto" if c["language"] == "zh" else "default"
+    floor = c["rouge_threshold"] / 2  # the histogram is exact above this
     decisions = filter_with_reasons([t["instruction"] for t in machine], [t["instruction"] for t in seeds],
-                                    c["rouge_threshold"], tokenizer)
+                                    c["rouge_threshold"], tokenizer, floor=floor)
     kept = list(seeds)
     for t, (ok, similar, score) in zip(machine, decisions):
         if ok:
@@ -129,12 +133,17 @@ def run(out_dir: Path, *, instructions: Path, config: dict) -> dict:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     reasons = Counter(re.sub(r"'.*'", "'…'", d["reason"]) if d["reason"].startswith("blocklisted") else d["reason"]
                       for d in dropped)
+    histogram = similarity_histogram(
+        out_dir / "similarity.png", [s for ok, _, s in decisions if ok], [s for ok, _, s in decisions if not ok],
+        threshold=c["rouge_threshold"], floor=floor,
+        title=f"{len(machine)} machine instructions after the instruction rules ({tokenizer} tokens)")
     report = {
         "tasks_in": len(tasks), "seed_tasks_kept": len(seeds),
         "machine_tasks_in": sum(t["source"] == "machine" for t in tasks),
         "machine_tasks_kept": len(kept) - len(seeds), "dropped_by_reason": dict(sorted(reasons.items())),
         "instances_dropped_by_reason": dict(sorted(instance_drops.items())),
         "train_examples": train, "heldout_examples": heldout,
+        "max_similarity_histogram": histogram,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if train == 0:

@@ -8,6 +8,10 @@
 3. Instance generation: input-first for ordinary tasks, output-first (class label, then input) for
    classification tasks.
 
+With `style = "alpaca"` (Stanford Alpaca's variant) one request shows `num_prompt_instructions` (3 in Alpaca)
+seed tasks with their input and output and asks for a list of 20 tasks in the same shape; each parsed task comes
+with its one instance, so there is no classification or instance request.
+
 Output: `instructions.jsonl` (seed tasks first, then machine tasks, in the self-instruct JSONL shape plus
 `source`) and `report.json` (requests, tokens, cost, yield, and why generation stopped). Nothing is filtered
 here beyond exact duplicates; the filter stage decides what is kept.
@@ -107,10 +111,81 @@ def parse_output_first(completion: str) -> list[dict]:
     return out
 
 
-def run(out_dir: Path, *, seeds: Path, prompt: Path, classify_prompt: Path, instance_prompt: Path,
-        instance_prompt_output_first: Path, config: dict, client) -> dict:
+ALPACA_LIST = 20  # the alpaca prompt asks for a list of 20 tasks
+
+
+def encode_alpaca_prompt(template: str, tasks: list[dict]) -> str:
+    """Alpaca's encode_prompt: the seed tasks as numbered Instruction/Input/Output blocks separated by ###, then
+    the opening of the next item."""
+    blocks = []
+    for i, t in enumerate(tasks, 1):
+        ins = t["instances"][0] if t["instances"] else {"input": "", "output": ""}
+        inp = ins["input"].strip() or "<noinput>"
+        instruction = re.sub(r"\s+", " ", t["instruction"]).strip().rstrip(":")
+        blocks.append(f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{inp}\n{i}. Output:\n"
+                      f"{ins['output'].strip()}\n")
+    return render(template, examples="".join(blocks) + f"###\n{len(tasks) + 1}. Instruction:")
+
+
+def parse_alpaca(completion: str, next_index: int) -> list[dict]:
+    """Alpaca's post_process_gpt3_response: split the continuation at ###, keep the items whose
+    Instruction/Input/Output fields all parse; "<noinput>" means an empty input."""
+    out = []
+    for k, item in enumerate(re.split("###", f"{next_index}. Instruction:" + completion)):
+        idx = next_index + k
+        parts = re.split(rf"{idx}\.\s+(Instruction|Input|Output):", item)
+        if len(parts) != 7:
+            continue
+        inst, inp, output = parts[2].strip(), parts[4].strip(), parts[6].strip()
+        inp = "" if inp.lower() == "<noinput>" else inp
+        if inst and output:
+            out.append({"instruction": inst, "input": inp, "output": output})
+    return out
+
+
+def _alpaca_tasks(seed_tasks: list[dict], template: str, c: dict, client, known: set[str]):
+    """Alpaca-style rounds. Returns (machine tasks, requests, parsed, stop reason)."""
+    sampling = {"max_tokens": c["max_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
+                "stop": [f"\n{ALPACA_LIST}", f"{ALPACA_LIST}.", f"{ALPACA_LIST} ."]}
+    machine: list[dict] = []
+    requests = parsed = round_no = 0
+    stop_reason = "target reached"
+    while len(machine) < c["num_instructions"]:
+        if requests >= c["max_requests"]:
+            stop_reason = "request budget spent"
+            break
+        batch = []
+        for j in range(min(c["request_batch_size"], c["max_requests"] - requests)):
+            rng = random.Random(f"{c['seed']}-{round_no}-{j}")
+            batch.append(encode_alpaca_prompt(template, rng.sample(seed_tasks, c["num_prompt_instructions"])))
+        completions = client.complete_many(batch, sampling)
+        requests += len(batch)
+        round_no += 1
+        for completion in completions:
+            for item in parse_alpaca(completion, c["num_prompt_instructions"] + 1):
+                parsed += 1
+                norm = item["instruction"].lower()
+                if norm not in known and len(machine) < c["num_instructions"]:
+                    known.add(norm)
+                    machine.append(item)
+        print(f"generate: {requests} requests, {len(machine)}/{c['num_instructions']} tasks", flush=True)
+    tasks = [{"id": f"machine_task_{k}", "name": "", "instruction": m["instruction"],
+              "instances": [{"input": m["input"], "output": m["output"]}], "is_classification": False,
+              "source": "machine"} for k, m in enumerate(machine)]
+    return tasks, requests, parsed, stop_reason
+
+
+def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, classify_prompt: Path | None = None,
+        instance_prompt: Path | None = None, instance_prompt_output_first: Path | None = None) -> dict:
     """Grow the seed tasks into machine tasks with instances. `client` is a `pipeline.llm.Client`."""
     seed_tasks = read_seeds(seeds)
+    if config["style"] == "alpaca":
+        known = {re.sub(r"\s+", " ", t["instruction"]).strip().lower() for t in seed_tasks}
+        machine_tasks, requests, parsed, stop_reason = _alpaca_tasks(
+            seed_tasks, read_template(prompt, ("examples",)), config, client, known)
+        return _write(out_dir, seed_tasks, machine_tasks, client, stop_reason=stop_reason,
+                      instruction_requests=requests, instructions_parsed=parsed)
+
     gen_template = read_template(prompt, ("examples", "next_index"))
     clf_template = read_template(classify_prompt, ("instruction",))
     in_template = read_template(instance_prompt, ("instruction",))
@@ -158,24 +233,26 @@ def run(out_dir: Path, *, seeds: Path, prompt: Path, classify_prompt: Path, inst
     answers = client.complete_many(prompts, inst_sampling)
 
     tasks = [dict(t, source="seed") for t in seed_tasks]
-    n_instances = 0
     for k, (inst, clf, answer) in enumerate(zip(machine, is_clf, answers)):
         instances = parse_output_first(answer) if clf else parse_input_first(answer)
-        n_instances += len(instances)
         tasks.append({"id": f"machine_task_{k}", "name": "", "instruction": inst, "instances": instances,
                       "is_classification": clf, "source": "machine"})
 
+    return _write(out_dir, seed_tasks, tasks[len(seed_tasks):], client, stop_reason=stop_reason,
+                  instruction_requests=requests, instructions_parsed=parsed)
+
+
+def _write(out_dir: Path, seed_tasks: list[dict], machine: list[dict], client, **counts) -> dict:
+    tasks = [dict(t, source="seed") for t in seed_tasks] + machine
     with open(out_dir / "instructions.jsonl", "w", encoding="utf-8") as f:
         for t in tasks:
             f.write(json.dumps(t, ensure_ascii=False) + "\n")
     report = {
-        "stop_reason": stop_reason,
-        "instruction_requests": requests,
-        "instructions_parsed": parsed,
+        **counts,
         "machine_instructions": len(machine),
-        "classification_tasks": sum(is_clf),
-        "instances": n_instances,
-        "machine_tasks_with_instances": sum(1 for t in tasks[len(seed_tasks):] if t["instances"]),
+        "classification_tasks": sum(t["is_classification"] for t in machine),
+        "instances": sum(len(t["instances"]) for t in machine),
+        "machine_tasks_with_instances": sum(1 for t in machine if t["instances"]),
         "seed_tasks": len(seed_tasks),
         "pool_tasks": len(tasks),
         "usage": client.usage.as_dict(),

@@ -111,8 +111,9 @@ class Project:
 
     def _generate(self, r: Recipe):
         c = r.section("generate")
-        files = {k: self.rel(c[k]) for k in ("seeds", "prompt", "classify_prompt", "instance_prompt",
-                                             "instance_prompt_output_first")}
+        prompts = ("prompt",) if c["style"] == "alpaca" else (
+            "prompt", "classify_prompt", "instance_prompt", "instance_prompt_output_first")
+        files = {k: self.rel(c[k]) for k in ("seeds", *prompts)}
         inputs, params, deps = dict(files), {}, list(files.values())
         if c["backend"] == "local":
             src = model_source(c["model"])

@@ -1,14 +1,16 @@
 """LLM clients: one interface, two backends, every call through the ledger.
 
 - `openai`: any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, llama.cpp server, ...) through the `openai`
-  package, completions or chat API. The key comes only from the environment. The client's own retry with
-  exponential backoff covers rate limits (429), server errors (5xx), timeouts and dropped connections.
+  package's async client, completions or chat API, with at most `concurrency` requests in flight (asyncio). The
+  key comes only from the environment. The client's own retry with exponential backoff covers rate limits (429),
+  server errors (5xx), timeouts and dropped connections.
 - `local`: a transformers causal LM loaded with `from_pretrained` (a folder, or a hub id).
 """
 from __future__ import annotations
 
+import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from dataclasses import dataclass, field
 
 from pipeline.errors import TunebuildError, Unavailable
@@ -46,27 +48,32 @@ class OpenAIBackend:
 
     def __init__(self, model: str, *, api: str = "completions", base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0, max_retries: int = 6):
-        from openai import OpenAI
-
         key = os.environ.get(api_key_env)
         if not key:
             raise Unavailable(f"environment variable {api_key_env} is not set (generate.api_key_env): "
                               f"it must hold the API key for {base_url or 'api.openai.com'}")
         self.model, self.api = model, api
-        self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.client_args = dict(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
         self.where = base_url or "api.openai.com"
 
-    def complete(self, prompt: str, params: dict, sample_index: int) -> Entry:
+    def open(self):
+        """An `openai.AsyncOpenAI` client, to be used within one event loop."""
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(**self.client_args)
+
+    async def acomplete(self, client, prompt: str, params: dict, sample_index: int) -> Entry:
         import openai
 
         common = dict(model=self.model, max_tokens=params["max_tokens"], temperature=params["temperature"],
                       top_p=params["top_p"], stop=params.get("stop") or None)
         try:
             if self.api == "completions":
-                r = self.client.completions.create(prompt=prompt, **common)
+                r = await client.completions.create(prompt=prompt, **common)
                 text = r.choices[0].text
             else:
-                r = self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+                r = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}],
+                                                         **common)
                 text = r.choices[0].message.content or ""
         except openai.APIConnectionError as e:
             raise Unavailable(f"cannot reach the endpoint {self.where}: {e}") from None
@@ -131,26 +138,46 @@ class Client:
             else:
                 answers[i] = hit
 
-        def ask(i: int) -> tuple[int, Entry]:
-            entry = self.backend.complete(prompts[i], params, sample_index)
+        def record(i: int, entry: Entry) -> None:
             self.ledger.put(keys[i], backend=self.backend.name, model=self.model_id, prompt=prompts[i],
                             params=params, sample_index=sample_index, entry=entry, recipe=self.recipe)
-            return i, entry
+            answers[i] = entry
 
-        workers = self.concurrency if self.backend.name == "openai" else 1
-        if workers > 1 and len(missing) > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                for i, entry in pool.map(ask, missing):
-                    answers[i] = entry
-        else:
-            for i in missing:
-                answers[i] = ask(i)[1]
+        if missing:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(missing), desc=f"{self.backend.name} {self.model_id}", unit="req",
+                      file=sys.stderr, disable=None, leave=False) as bar:
+                if hasattr(self.backend, "acomplete"):
+                    asyncio.run(self._complete_async(prompts, missing, params, sample_index, record, bar))
+                else:
+                    for i in missing:
+                        record(i, self.backend.complete(prompts[i], params, sample_index))
+                        bar.update()
         self.usage.sent += len(missing)
         for i in range(len(prompts)):
             self.usage.requests += 1
             self.usage.prompt_tokens += answers[i].prompt_tokens
             self.usage.completion_tokens += answers[i].completion_tokens
         return [answers[i].text for i in range(len(prompts))]
+
+    async def _complete_async(self, prompts, missing, params, sample_index, record, bar) -> None:
+        """At most `concurrency` requests in flight; each answer goes into the ledger as soon as it arrives,
+        so a run killed halfway loses only the requests still in flight."""
+        gate = asyncio.Semaphore(max(1, self.concurrency))
+        async with self.backend.open() as client:
+            async def one(i: int) -> None:
+                async with gate:
+                    entry = await self.backend.acomplete(client, prompts[i], params, sample_index)
+                record(i, entry)
+                bar.update()
+
+            tasks = [asyncio.create_task(one(i)) for i in missing]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
 
 
 def make_client(config: dict, *, generator, ledger, recipe: str = "") -> Client:

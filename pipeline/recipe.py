@@ -55,6 +55,9 @@ SCHEMA: dict = {
         "api_key_env": Key(str, "OPENAI_API_KEY"),
         "concurrency": Key(int, 4),
         "price_per_1k_tokens": Key(float, 0.0),
+        "style": Key(str, "self_instruct", choices=("self_instruct", "alpaca"),
+                     doc="self_instruct: list of instructions, then classification check and instances per task; "
+                         "alpaca: one prompt asks for 20 tasks with input and output"),
         "seeds": Key(str, file=True),
         "prompt": Key(str, file=True),
         "classify_prompt": Key(str, file=True),
@@ -256,8 +259,14 @@ def _check_semantics(path: Path, c: dict) -> None:
     g = c["generate"]
     if g["backend"] == "openai" and g["model"].startswith(BUILTIN_PREFIX):
         raise RecipeError(f"{path}: generate.model: {g['model']!r} is a built-in model; set generate.backend = 'local'")
-    if not 0 < g["num_machine_in_prompt"] < g["num_prompt_instructions"]:
+    if g["style"] == "self_instruct" and not 0 < g["num_machine_in_prompt"] < g["num_prompt_instructions"]:
         raise RecipeError(f"{path}: generate.num_machine_in_prompt: expected 1..num_prompt_instructions-1")
+    if g["style"] == "alpaca" and not 0 < g["num_prompt_instructions"] < 20:
+        raise RecipeError(f"{path}: generate.num_prompt_instructions: expected 1..19 seed tasks in an alpaca "
+                          f"prompt of 20 tasks")
+    for key in ("concurrency", "max_requests", "request_batch_size", "num_instructions"):
+        if g[key] < 1:
+            raise RecipeError(f"{path}: generate.{key}: expected a positive integer, got {g[key]}")
     if not 0.0 <= c["filter"]["heldout_fraction"] < 1.0:
         raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
     if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:

@@ -1,9 +1,11 @@
-"""Exact ROUGE-L novelty filtering, with the decisions of `rouge-score`'s `RougeScorer(["rougeL"])`.
+"""Exact ROUGE-L novelty filtering, with the decisions of `rouge-score`'s `RougeScorer(["rougeL"])`, fast.
 
-Tokenization is rouge-score's own (`tokenizers.DefaultTokenizer`), the LCS length comes from rapidfuzz's
-compiled `LCSseq` on token-id sequences, and the F-measure is computed with rouge-score's formula, so every
-comparison with the threshold is the one rouge-score would make. Pairs whose length bound already rules out a
-score above the threshold are skipped.
+- Tokens: rouge-score's default tokenizer (lowercase, every run of characters outside [a-z0-9] is a separator),
+  written without its regex-per-token pass and without importing nltk; a test checks it token for token.
+- Candidates: a pair can only score above the threshold if the texts share enough tokens; an ℓ-prefix filter
+  (as in set-similarity joins) over a sparse matrix finds those pairs without looking at the others.
+- Scores: rapidfuzz's bit-parallel LCS on the survivors, and rouge-score's F-measure formula in float64, so every
+  comparison with the threshold is the one rouge-score makes (ties included).
 
 `tokenizer="auto"` splits texts containing CJK characters per character (as rouge-chinese does); rouge-score's
 tokenizer keeps only [a-z0-9] and would score every Chinese pair 0.
@@ -11,32 +13,33 @@ tokenizer keeps only [a-z0-9] and would score every Chinese pair 0.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+_ALNUM_RUN = re.compile(r"[a-z0-9]+")
 _EPS = 1e-9
 
 
-def _default_tokenizer():
-    from rouge_score.tokenizers import DefaultTokenizer
+def _rouge_tokens(text: str) -> list[str]:
+    """rouge_score.tokenize.tokenize(text, stemmer=None) (lowercase, runs of non-[a-z0-9] to spaces, split,
+    keep [a-z0-9]+ tokens): the maximal [a-z0-9] runs of the lowercased text."""
+    return _ALNUM_RUN.findall(text.lower())
 
-    return DefaultTokenizer(use_stemmer=False)
 
-
-def tokenize(text: str, tokenizer: str = "default", _tok=None) -> list[str]:
-    tok = _tok or _default_tokenizer()
+def tokenize(text: str, tokenizer: str = "default") -> list[str]:
     if tokenizer == "auto" and _CJK.search(text):
         tokens = []
         for piece in re.split(f"({_CJK.pattern})", text):
             if _CJK.fullmatch(piece):
                 tokens.append(piece)
             elif piece:
-                tokens.extend(tok.tokenize(piece))
+                tokens.extend(_rouge_tokens(piece))
         return tokens
     if tokenizer not in ("default", "auto"):
         raise ValueError(f"tokenizer must be 'default' or 'auto', got {tokenizer!r}")
-    return tok.tokenize(text)
+    return _rouge_tokens(text)
 
 
 def fmeasure(lcs: int, len_a: int, len_b: int) -> float:
@@ -50,48 +53,126 @@ def fmeasure(lcs: int, len_a: int, len_b: int) -> float:
     return 0.0
 
 
-class _Index:
-    """Texts kept so far, as token-id sequences, with their lengths for pruning."""
+def min_overlap(n: np.ndarray | int, threshold: float):
+    """The fewest shared tokens a text of `n` tokens needs with any other text to score above `threshold`.
 
-    def __init__(self, tokenizer: str):
+    F = 2·lcs/(n+m) and lcs ≤ overlap ≤ m, so F > t needs overlap > t·n/(2−t). The bound is loosened by a
+    small epsilon so that a pair rouge-score's floating-point formula puts just above the threshold is never
+    pruned.
+    """
+    t = threshold - _EPS
+    return np.floor(t * np.asarray(n, dtype=np.float64) / (2.0 - t)).astype(np.int64) + 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(4, thread_name_prefix="rouge")
+    return _POOL
+
+
+class _Texts:
+    """Every text once: token ids, lengths, LCS strings, and a binary matrix of each text's ℓ-prefix.
+
+    Every token occurrence is an element (token, k-th occurrence), so multisets become sets and the count of
+    shared elements bounds the LCS. Elements are ranked rarest first over all texts. If two texts share at
+    least α elements, the first ℓ shared ones (in that order) lie in both texts' prefixes of length
+    `len − α + ℓ` (the ℓ-prefix filter of set-similarity joins). With each text's own α (`min_overlap`) and
+    ℓ' = min(ℓ, α), a pair that can score above the threshold shares at least min(ℓ, α_a, α_b) prefix
+    elements; everything else is pruned without computing an LCS.
+    """
+
+    def __init__(self, texts: list[str], tokenizer: str, threshold: float, ell: int = 2):
+        vocab: dict[str, int] = {}
+        seqs = [[vocab.setdefault(t, len(vocab)) for t in tokenize(x, tokenizer)] for x in texts]
+        self.lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        tokens = np.fromiter((t for q in seqs for t in q), dtype=np.int64, count=int(self.lens.sum()))
+        # token ids as one code point each (skipping surrogates), so rapidfuzz runs its bit-parallel LCS
+        codes = np.where(tokens < 0xD800, tokens, tokens + 0x800).astype("<u4").tobytes()
+        ends = np.cumsum(self.lens) * 4
+        self.strs = np.array([codes[e - 4 * n:e].decode("utf-32-le") for e, n in zip(ends.tolist(),
+                              self.lens.tolist())], dtype=object)
+        # α when the other text is at least as long (overlap > t·n) and when it may be shorter (> t·n/(2−t))
+        t = threshold - _EPS
+        self.alpha_short = np.floor(t * self.lens).astype(np.int64) + 1
+        self.alpha_long = min_overlap(self.lens, threshold)
+        self.ell = ell
+
+        # elements (token, k-th occurrence in its text), ranked rarest first, each text's ranks sorted
+        rows = np.repeat(np.arange(len(seqs)), self.lens)
+        order = np.lexsort((tokens, rows))
+        rows, tokens = rows[order], tokens[order]
+        start = np.r_[0, np.flatnonzero((rows[1:] != rows[:-1]) | (tokens[1:] != tokens[:-1])) + 1]
+        run = np.repeat(start, np.diff(np.r_[start, len(tokens)]))
+        occurrence = np.arange(len(tokens)) - run
+        element = tokens * (int(occurrence.max(initial=0)) + 1) + occurrence
+        uniq, inverse, freq = np.unique(element, return_inverse=True, return_counts=True)
+        rank_of = np.empty(len(uniq), dtype=np.int64)
+        rank_of[np.lexsort((uniq, freq))] = np.arange(len(uniq))
+        ranks = rank_of[inverse]
+        order = np.lexsort((ranks, rows))
+        self._rows, self._ranks, self._width = rows[order], ranks[order], max(len(uniq), 1)
+        self._pos = np.arange(len(self._rows)) - np.repeat(np.cumsum(self.lens) - self.lens, self.lens)
+        self.prefix_short = self._prefixes(self.alpha_short)
+        self.prefix_long = self._prefixes(self.alpha_long)
+
+    def _prefixes(self, alpha: np.ndarray):
+        """Each text's ℓ'-prefix as a sparse row. A pair needs min(ℓ, α_a, α_b) shared prefix elements; a text
+        whose α is below ℓ weighs its elements ℓ, so that one shared element already reaches ℓ in the product
+        and every pair is tested against the single count ℓ."""
+        from scipy.sparse import csr_matrix
+
+        size = np.where(self.lens > 0, self.lens - alpha + np.minimum(self.ell, alpha), 0).clip(min=0)
+        take = self._pos < size[self._rows]
+        rows = self._rows[take]
+        weight = np.where(alpha >= self.ell, 1, self.ell).astype(np.int32)[rows]
+        indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=len(self.lens)))]
+        return csr_matrix((weight, self._ranks[take], indptr), shape=(len(self.lens), self._width))
+
+    def _direction(self, queries, others, threshold, query_shorter, lower):
+        """Pairs that share enough prefix elements, for one direction of the length order."""
+        q_prefix, o_prefix = ((self.prefix_short, self.prefix_long) if query_shorter
+                              else (self.prefix_long, self.prefix_short))
+        shared = q_prefix[queries] @ o_prefix[others].T
+        hit = np.flatnonzero(shared.data >= self.ell)
+        q = queries[np.searchsorted(shared.indptr, hit, side="right") - 1]
+        o = others[shared.indices[hit]]
+        n, m = self.lens[q], self.lens[o]
+        ok = ((m >= n) if query_shorter else (m < n)) & (n > 0) & (m > 0)
+        ok &= 2.0 * np.minimum(n, m) / (n + m) > threshold - _EPS
+        if lower:
+            ok &= o < q
+        return q[ok], o[ok]
+
+    def pairs(self, requests, threshold: float):
+        """For each request (queries, others, lower): the candidate pairs (query id, other id) that may score
+        above `threshold`, with their exact F-measure. With `lower`, only pairs whose other id is smaller.
+
+        The shorter text of a pair needs overlap > t·n (its short prefix), the longer > t·m/(2−t) (its long
+        prefix). scipy's sparse products release the GIL, so all of them run at once on the thread pool;
+        the LCS of every surviving pair is one multi-threaded rapidfuzz call."""
         from rapidfuzz.distance import LCSseq
+        from rapidfuzz.process import cpdist
 
-        self._lcs = LCSseq.similarity
-        self._tok = _default_tokenizer()
-        self.tokenizer = tokenizer
-        self.vocab: dict[str, int] = {}
-        self.seqs: list[list[int]] = []
-        self.lens = np.zeros(1024, dtype=np.int64)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab.setdefault(t, len(self.vocab)) for t in tokenize(text, self.tokenizer, self._tok)]
-
-    def add(self, seq: list[int]) -> None:
-        if len(self.seqs) == len(self.lens):
-            self.lens = np.concatenate([self.lens, np.zeros_like(self.lens)])
-        self.lens[len(self.seqs)] = len(seq)
-        self.seqs.append(seq)
-
-    def candidates(self, n: int, threshold: float) -> np.ndarray:
-        """Indices of kept texts whose length bound allows a score above the threshold."""
-        lens = self.lens[: len(self.seqs)]
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        best = 2.0 * np.minimum(lens, n) / (lens + n)
-        return np.nonzero((lens > 0) & (best > threshold - _EPS))[0]
-
-    def best_match(self, seq: list[int], threshold: float | None = None) -> tuple[int, float]:
-        """(index, score) of the most similar kept text; stops early at the first score above `threshold`."""
-        best_i, best_s = -1, 0.0
-        n = len(seq)
-        for i in self.candidates(n, threshold if threshold is not None else 0.0):
-            other = self.seqs[i]
-            s = fmeasure(self._lcs(seq, other), n, len(other))
-            if s > best_s:
-                best_i, best_s = int(i), s
-                if threshold is not None and s > threshold:
-                    break
-        return best_i, best_s
+        jobs = [(i, queries, others, lower, shorter) for i, (queries, others, lower) in enumerate(requests)
+                if len(queries) and len(others) for shorter in (True, False)]
+        found = list(_pool().map(lambda j: (j[0], self._direction(j[1], j[2], threshold, j[4], j[3])), jobs))
+        q = np.concatenate([f[1][0] for f in found] + [np.zeros(0, dtype=np.int64)])
+        o = np.concatenate([f[1][1] for f in found] + [np.zeros(0, dtype=np.int64)])
+        which = np.concatenate([np.full(len(f[1][0]), f[0]) for f in found] + [np.zeros(0, dtype=np.int64)])
+        f = np.zeros(0)
+        if len(q):
+            lcs = cpdist(self.strs[q].tolist(), self.strs[o].tolist(), scorer=LCSseq.similarity,
+                         dtype=np.int64, workers=-1).astype(np.float64)
+            # rouge-score's formula, elementwise in float64 (IEEE, so the same numbers as its Python code)
+            precision, recall = lcs / self.lens[o], lcs / self.lens[q]
+            total = precision + recall
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f = np.where(total > 0, 2 * precision * recall / total, 0.0)
+        return [(q[which == i], o[which == i], f[which == i]) for i in range(len(requests))]
 
 
 def novel_mask(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default") -> list[bool]:
@@ -100,24 +181,52 @@ def novel_mask(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "de
     return [kept for kept, _, _ in filter_with_reasons(candidates, pool, threshold, tokenizer)]
 
 
-def filter_with_reasons(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default"):
-    """Like `novel_mask`, but for each dropped candidate also the most similar kept text and its score.
+def filter_with_reasons(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default",
+                        floor: float | None = None, block: int = 2048):
+    """Like `novel_mask`, with the evidence: a list of (kept, most_similar_kept_text, score) per candidate.
 
-    Returns a list of (kept, most_similar_text_or_None, score).
+    `score` is the highest ROUGE-L F-measure against the pool and the candidates kept before it, exact when
+    it is above `floor` (default: the threshold), else None ("at most `floor`"); a dropped candidate's score
+    is always above the threshold and comes with the kept text it matched (the first such on ties).
+    Candidates go in blocks: each block is compared with everything kept before it in one sparse product,
+    then with itself, and the greedy rule is applied in order.
     """
-    texts = list(pool)
-    index = _Index(tokenizer)
-    for text in texts:
-        index.add(index.encode(text))
-    out = []
-    for text in candidates:
-        seq = index.encode(text)
-        i, score = index.best_match(seq, threshold)
-        if score > threshold:
-            i, score = index.best_match(seq)  # the most similar, for the report
-            out.append((False, texts[i], score))
-        else:
-            out.append((True, None, score))
-            index.add(seq)
-            texts.append(text)
-    return out
+    if tokenizer not in ("default", "auto"):
+        raise ValueError(f"tokenizer must be 'default' or 'auto', got {tokenizer!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    floor = threshold if floor is None else min(floor, threshold)
+    pool, candidates = list(pool), list(candidates)
+    texts = pool + candidates
+    corpus = _Texts(texts, tokenizer, floor)
+    kept = np.zeros(len(texts), dtype=bool)
+    kept[: len(pool)] = True
+    best_o = np.full(len(texts), -1, dtype=np.int64)
+    best_f = np.full(len(texts), -1.0)
+    for start in range(len(pool), len(texts), block):
+        ids = np.arange(start, min(start + block, len(texts)))
+        # against everything kept before the block (best per query, ties to the earliest kept text), and
+        # within the block
+        (q, o, f), (a, b, g) = corpus.pairs([(ids, np.flatnonzero(kept[:start]), False), (ids, ids, True)],
+                                            floor)
+        q, o, f = q[f > floor], o[f > floor], f[f > floor]
+        a, b, g = a[g > floor], b[g > floor], g[g > floor]
+        if len(q):
+            order = np.lexsort((o, -f, q))
+            first = order[np.unique(q[order], return_index=True)[1]]
+            best_o[q[first]], best_f[q[first]] = o[first], f[first]
+        kept[ids] = best_f[ids] <= threshold
+        # within the block, in order: a pair counts only if its earlier text was kept
+        inner: dict[int, list[tuple[int, float]]] = {}
+        for i, j, s in zip(a.tolist(), b.tolist(), g.tolist()):
+            inner.setdefault(i, []).append((j, s))
+        for i in sorted(inner):
+            bo, bf = int(best_o[i]), float(best_f[i])
+            for j, s in inner[i]:
+                if kept[j] and (s > bf or (s == bf and j < bo)):
+                    bo, bf = j, s
+            best_o[i], best_f[i] = bo, bf
+            kept[i] = bf <= threshold
+    return [(True, None, bf if bf > floor else None) if k else (False, texts[bo], bf)
+            for k, bo, bf in zip(kept[len(pool):].tolist(), best_o[len(pool):].tolist(),
+                                 best_f[len(pool):].tolist())]

@@ -1,7 +1,8 @@
 """A small OpenAI-compatible HTTP server for tests: self-instruct style completions, deterministic per prompt.
 
 It answers /v1/completions and /v1/chat/completions on 127.0.0.1, counts requests, and can be told to answer
-the first N requests with 429 so the client's retry with backoff is exercised.
+the first N requests with 429 so the client's retry with backoff is exercised, and to take `latency` seconds per
+request (as a remote endpoint does) for throughput benchmarks.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ADJ = ["short", "formal", "funny", "simple", "detailed", "polite", "careful", "clear", "brief", "friendly"]
@@ -34,6 +36,16 @@ def answer(prompt: str) -> str:
         return " " + "\n".join(items)
     if prompt.startswith("Given the classification task"):
         return ("Class label: Yes\nInput: " + rng.choice(TOPIC) + "\nClass label: No\nInput: " + rng.choice(TOPIC))
+    if prompt.startswith("You are asked to come up with a set of 20 diverse task instructions"):
+        next_index = int(prompt.rstrip().rsplit("\n", 1)[-1].split(".")[0])
+        items = []
+        for k in range(next_index, next_index + 4):
+            inst = f"Write a {rng.choice(ADJ)} {rng.choice(NOUN)} about {rng.choice(TOPIC)}."
+            inp = rng.choice(["<noinput>", rng.choice(TOPIC)])
+            out = f"A {rng.choice(ADJ)} text about {rng.choice(TOPIC)}."
+            items.append(("" if k == next_index else f"###\n{k}. Instruction: ") + f"{inst}\n{k}. Input:\n{inp}\n"
+                         f"{k}. Output:\n{out}\n")
+        return " " + "".join(items)
     if prompt.startswith("Come up with examples"):
         return "".join(f"Example {i}\nInput: {rng.choice(TOPIC)}\nOutput: A {rng.choice(ADJ)} text about "
                        f"{rng.choice(TOPIC)}.\n" for i in (1, 2))
@@ -41,8 +53,9 @@ def answer(prompt: str) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, latency: float = 0.0):
         self.requests: list[dict] = []
+        self.latency = latency
         self.fail_first = fail_first
         self.failed = 0
         server = self
@@ -59,6 +72,8 @@ class FakeOpenAI:
                                {"retry-after-ms": "10"})
                     return
                 server.requests.append({"path": self.path, **body})
+                if server.latency:
+                    time.sleep(server.latency)
                 if self.path.endswith("/chat/completions"):
                     prompt = body["messages"][-1]["content"]
                     text = answer(prompt)
@@ -89,6 +104,7 @@ class FakeOpenAI:
                 self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.request_queue_size = 128
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

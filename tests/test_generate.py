@@ -98,3 +98,34 @@ def test_parsers():
     assert generate.parse_input_first("Output: hello") == [{"input": "", "output": "hello"}]
     assert generate.parse_output_first("Class label: Yes\nInput: x\nClass label: No\nInput: y") == [
         {"input": "x", "output": "Yes"}, {"input": "y", "output": "No"}]
+
+
+def test_alpaca_style_one_prompt_for_20_tasks_with_instances(tmp_path, monkeypatch):
+    monkeypatch.setenv("TB_TEST_KEY", "k")
+    with FakeOpenAI() as server:
+        cfg = gen_config(server.url, style="alpaca", num_prompt_instructions=3, num_instructions=10)
+        out = tmp_path / "alpaca"
+        out.mkdir()
+        client = make_client(cfg, generator=None, ledger=tmp_path / "ledger.sqlite", recipe="t")
+        r = ROOT / "recipes"
+        report = generate.run(out, seeds=r / "seeds/seed_tasks.jsonl", prompt=r / "prompts/alpaca.txt",
+                              config=cfg, client=client)
+    prompts = [q["prompt"] for q in server.requests]
+    # only task-list requests: no classification or instance prompts in this style
+    assert prompts and all(p.startswith("You are asked to come up with a set of 20") for p in prompts)
+    assert all(p.count("###") == 4 and p.rstrip().endswith("4. Instruction:") for p in prompts)
+    assert set(server.requests[0]["stop"]) == {"\n20", "20.", "20 ."}
+    tasks = [json.loads(x) for x in (out / "instructions.jsonl").read_text().splitlines()]
+    machine = [t for t in tasks if t["source"] == "machine"]
+    assert len(machine) == report["machine_instructions"] == 10
+    assert all(len(t["instances"]) == 1 and t["instances"][0]["output"] for t in machine)
+    assert any(t["instances"][0]["input"] == "" for t in machine)  # <noinput> became an empty input
+    assert any(t["instances"][0]["input"] for t in machine)
+
+
+def test_alpaca_parser_keeps_complete_items_only():
+    text = (" Name a prime.\n4. Input:\n<noinput>\n4. Output:\n7\n###\n5. Instruction: Sort these.\n5. Input:\n"
+            "3 1 2\n5. Output:\n1 2 3\n###\n6. Instruction: Cut off")
+    assert generate.parse_alpaca(text, 4) == [
+        {"instruction": "Name a prime.", "input": "", "output": "7"},
+        {"instruction": "Sort these.", "input": "3 1 2", "output": "1 2 3"}]

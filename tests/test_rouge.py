@@ -1,22 +1,26 @@
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rouge_score import rouge_scorer
+from rouge_score.tokenizers import DefaultTokenizer
 
-from pipeline.rouge import filter_with_reasons, novel_mask
+from pipeline.rouge import filter_with_reasons, novel_mask, tokenize
 
 WORDS = ("the a give list write explain classify sentence word number of to in and for with story poem email "
          "three two short").split()
 
 
 def reference_mask(cands, pool, threshold):
-    """The Alpaca / self-instruct loop, with rouge-score itself."""
+    """The Alpaca / self-instruct loop, with rouge-score itself (tokens computed once, as Alpaca does)."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    kept, mask = list(pool), []
+    kept, mask = [scorer._tokenizer.tokenize(k) for k in pool], []
     for c in cands:
-        ok = all(scorer.score(k, c)["rougeL"].fmeasure <= threshold for k in kept)
+        tokens = scorer._tokenizer.tokenize(c)
+        ok = all(rouge_scorer._score_lcs(k, tokens).fmeasure <= threshold for k in kept)
         mask.append(ok)
         if ok:
-            kept.append(c)
+            kept.append(tokens)
     return mask
 
 
@@ -63,3 +67,51 @@ def test_chinese_near_duplicates_caught_only_by_auto_tokenizer():
     cands = ["请写一首关于秋天的短诗", "解释光合作用的过程"]
     assert novel_mask(cands, pool, 0.7, tokenizer="default") == [True, True]  # rouge-score sees no tokens
     assert novel_mask(cands, pool, 0.7, tokenizer="auto") == [False, True]
+
+
+def test_tokenizer_is_rouge_scores_token_for_token():
+    rng = random.Random(0)
+    alphabet = "abcXYZ09 \t\n.,!?-_'\"éÉßİK\u212a中文한국어😀\u00a0"
+    ref = DefaultTokenizer(use_stemmer=False)
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert tokenize(text) == ref.tokenize(text), text
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(st.lists(st.sampled_from(WORDS[:8]), max_size=9).map(" ".join), min_size=1, max_size=40),
+       pool_size=st.integers(0, 5), block=st.integers(1, 7),
+       threshold=st.sampled_from([0.0, 0.3, 0.5, 2 / 3, 0.7, 0.75, 0.9, 1.0]))
+def test_property_same_decisions_as_rouge_score(texts, pool_size, block, threshold):
+    # small vocabularies make many exact ties; tiny blocks exercise the within-block and across-block paths
+    pool, cands = texts[:pool_size], texts[pool_size:]
+    expected = reference_mask(cands, pool, threshold)
+    got = filter_with_reasons(cands, pool, threshold, block=block)
+    assert [k for k, _, _ in got] == expected
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for (kept, similar, score), cand in zip(got, cands):
+        if not kept:  # the reported match is real and above the threshold
+            assert score > threshold and scorer.score(similar, cand)["rougeL"].fmeasure == score
+
+
+def test_corpus_of_1200_instructions_identical_to_rouge_score():
+    rng = random.Random(7)
+    verbs = "write give list explain describe classify summarize generate create suggest rewrite".split()
+    nouns = "poem story email sentence list essay recipe plan title summary tweet review letter".split()
+    vocab = [f"w{i}" for i in range(400)]
+    texts = []
+    for _ in range(1200):
+        if texts and rng.random() < 0.4:  # a near-duplicate of an earlier instruction
+            toks = rng.choice(texts).split()
+            toks[rng.randrange(len(toks))] = rng.choice(vocab)
+            if rng.random() < 0.5:
+                toks.insert(rng.randrange(len(toks) + 1), rng.choice(["a", "the", "of", "short"]))
+            texts.append(" ".join(toks))
+        else:
+            texts.append(" ".join([rng.choice(verbs), "a", rng.choice(nouns), "about"]
+                                  + rng.choices(vocab, k=rng.randint(1, 6))) + ".")
+    pool, cands = texts[:100], texts[100:]
+    expected = reference_mask(cands, pool, 0.7)
+    assert 0 < expected.count(False) < len(cands)
+    assert novel_mask(cands, pool, 0.7) == expected
+    assert [k for k, _, _ in filter_with_reasons(cands, pool, 0.7, block=64)] == expected
