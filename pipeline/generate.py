@@ -257,5 +257,9 @@ def _write(out_dir: Path, seed_tasks: list[dict], machine: list[dict], client, *
         "pool_tasks": len(tasks),
         "usage": client.usage.as_dict(),
     }
+    u = client.usage
+    price = f", cost {u.cost:.4f} (at {u.price_per_1k_tokens} per 1k tokens)" if u.price_per_1k_tokens else ""
+    print(f"generate: {u.requests} requests ({u.sent} sent now, {u.requests - u.sent} answered by the ledger), "
+          f"{u.prompt_tokens} prompt + {u.completion_tokens} completion tokens{price}", flush=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from pipeline.recipe import Recipe, load_recipes
 
 ARTIFACTS = Path("artifacts")
@@ -35,6 +33,39 @@ def _run(stage: str, label: str, out: Path, *, inputs: dict | None = None, param
     return (run_stage, [], {"stage": stage, "label": label, "out": str(out), "inputs": inputs or {},
                             "params": params or {}, "unkeyed": unkeyed or {}, "config": config or {},
                             "cache": cache})
+
+
+class config_changed:
+    """doit `uptodate` check on a task's config section, like `doit.tools.config_changed`, but it also keeps the
+    config itself in doit's state, so `doit why` can say which key changed from what to what. State written by
+    `doit.tools.config_changed` (an md5 only) is still honoured."""
+
+    KEY = "_config"
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def _json(self) -> str:
+        import json
+
+        return json.dumps(self.config, sort_keys=True)
+
+    def configure_task(self, task):
+        task.value_savers.append(lambda: {self.KEY: self._json()})
+
+    def __call__(self, task, values):
+        saved = values.get(self.KEY)
+        if saved is not None:
+            return saved == self._json()
+        legacy = values.get("_config_changed")
+        if legacy is not None:
+            import hashlib
+
+            return legacy == hashlib.md5(self._json().encode("utf-8")).hexdigest()
+        return False
+
+    def __repr__(self):
+        return f"config_changed({self.config!r})"
 
 
 def _clean(out: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import sys
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
@@ -17,7 +18,7 @@ CACHE = Path("artifacts") / ".cache"
 MODULES = {"model": "tiny", "generate": "generate", "filter": "filter", "sft": "sft", "merge": "merge",
            "evaluate": "evaluate", "heldout": "heldout", "scores": "scores", "report": "report"}
 # Bump a stage's version when its code changes what it writes: its run-cache entries then no longer match.
-VERSIONS = {"model": 1, "generate": 1, "filter": 1, "sft": 1, "merge": 1, "evaluate": 1, "heldout": 1,
+VERSIONS = {"model": 1, "generate": 1, "filter": 2, "sft": 1, "merge": 1, "evaluate": 1, "heldout": 1,
             "scores": 1, "report": 1}
 
 
@@ -50,7 +51,8 @@ def run_stage(*, stage: str, label: str, out: str, inputs: dict, params: dict, u
 
         how = build_cached(Path(out), CACHE if cache else None, stage, key, compute)
         if how == "restored":
-            print(f"{label}: restored from the run cache ({CACHE / stage / key})", flush=True)
+            # stderr: shown at every verbosity, also for tasks whose stdout doit captures
+            print(f"{label}: restored from the run cache ({CACHE / stage / key})", file=sys.stderr, flush=True)
     except TunebuildError as e:
         return TaskFailed(f"{label}: {e}")
     except FileNotFoundError as e:

@@ -155,6 +155,13 @@ def build_cached(final: Path, cache_root: Path | None, stage: str, key: str, com
         staging = entry.parent / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         _link_tree(final, staging)
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(staging, entry)
+        if entry.exists() and not is_complete(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            os.replace(staging, entry)
+        except OSError:
+            # another process (doit -n, or a second recipe sharing the stage) stored the same key first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not is_complete(entry):
+                raise
     return "computed"

@@ -5,6 +5,7 @@ The test recipe `t` is mini_lima on the built-in tiny model with the generator s
 OpenAI-compatible server, sized to build in about a minute.
 """
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -163,3 +164,88 @@ def test_failing_stage_reports_one_line_and_keeps_what_was_built(project):
     template.write_text(good)
     executed, out, _ = doit(project, "build:t")
     assert "sft:t" in executed, out
+
+
+def test_early_cutoff_identical_filter_output_stops_the_rebuild(project):
+    # no instruction comes near 150 words: the filter reruns, writes byte-identical output, nothing downstream runs
+    recipe = project / "recipes/t.toml"
+    recipe.write_text(recipe.read_text() + "[filter]\nmax_words = 149\n")
+    before = (project / "artifacts/t/filter/manifest.json").read_bytes()
+    executed, out, _ = doit(project, "build:t")
+    assert executed == {"filter:t"}, out
+    assert (project / "artifacts/t/filter/manifest.json").read_bytes() == before
+
+
+def test_why_names_changed_keys_transitively_and_runs_nothing(project):
+    edit(project / "recipes/t.toml", "max_requests = 6", "max_requests = 6\ntemperature = 0.9")
+    state = (project / "artifacts/.doit.sqlite").read_bytes()
+    _, _, out, _ = run_doit(project, "why", "build:t", env=ENV)
+    lines = out.splitlines()
+    gen = next(line for line in lines if line.startswith("generate:t "))
+    assert "will run" in gen and "config temperature: 0.7 → 0.9" in gen, out
+    assert any(line.startswith("filter:t ") and "may run" in line and "generate:t" in line for line in lines), out
+    assert any(line.startswith("report:t ") and "may run" in line for line in lines), out
+    assert not any(line.startswith(("sft:t ", "merge:t ")) and "will run" in line for line in lines), out
+    assert (project / "artifacts/.doit.sqlite").read_bytes() == state  # nothing ran, nothing was recorded
+    edit(project / "recipes/t.toml", "max_requests = 6\ntemperature = 0.9", "max_requests = 6")
+    _, _, out, _ = run_doit(project, "why", "build:t", env=ENV)
+    assert "nothing would run" in out, out
+    # a changed recipe file and a missing output are named too
+    eval_yaml = project / "recipes/evals/tb_basic/tb_arithmetic_gen.yaml"
+    eval_yaml.write_text(eval_yaml.read_text() + "\n")
+    (project / "artifacts/t/report/manifest.json").unlink()
+    _, _, out, _ = run_doit(project, "why", "build:t", env=ENV)
+    assert "file changed: recipes/evals/tb_basic/tb_arithmetic_gen.yaml" in out, out
+    assert "missing output artifacts/t/report/manifest.json" in out, out
+    doit(project, "build:t")
+
+
+def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
+    (project / "recipes/t2.toml").write_text('extends = "t.toml"\n[eval.suites.tb_basic]\nlimit = 2\n')
+    executed, out, _ = doit(project, "build:t2")
+    for stage in ("generate", "filter", "sft", "merge", "evaluate"):
+        label = f"{stage}:t2" if stage != "evaluate" else "evaluate:t2.tuned.heldout"
+        assert f"{label}: restored from the run cache" in out, out
+    assert "evaluate:t2.tuned.tb_basic: restored" not in out  # its own setting differs: computed
+
+
+def test_parallel_build_of_two_recipes_is_safe(project):
+    edit(project / "recipes/t.toml", "limit = 3", "limit = 2")  # t and t2 now both evaluate with limit 2
+    edit(project / "recipes/evals/tb_basic/tb_capitals_mc.yaml", 'doc_to_text: "Q:', 'doc_to_text: "Question:')
+    executed, out, rc = doit(project, "-n", "2", "build:t", "build:t2")
+    assert {"scores:t", "scores:t2", "evaluate:t.tuned.tb_basic", "evaluate:t2.tuned.tb_basic"} <= executed, out
+    assert "locked" not in out.lower() and "Traceback" not in out, out
+    con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
+    assert {r[0] for r in con.execute("SELECT DISTINCT recipe FROM scores").fetchall()} >= {"t", "t2"}
+    executed, out, _ = doit(project, "build:t", "build:t2")
+    assert executed == set(), out
+
+
+def test_gc_lists_then_deletes_only_what_no_recipe_reaches(project):
+    stale = project / "artifacts/gone_recipe/sft"
+    stale.mkdir(parents=True)
+    (stale / "adapter.bin").write_bytes(b"x" * 5000)
+    (project / "recipes/t2.toml").unlink()
+    _, _, out, _ = run_doit(project, "gc", env=ENV)
+    assert "artifacts/gone_recipe  (no current recipe writes here)" in out, out
+    assert "artifacts/t2  (no current recipe writes here)" in out, out
+    assert "run-cache entry no current task would restore" in out  # e.g. the earlier prompt's generation
+    assert "would be freed" in out and stale.exists()
+    _, _, out, _ = run_doit(project, "gc", "--yes", env=ENV)
+    assert "deleted" in out and not stale.exists() and not (project / "artifacts/t2").exists()
+    _, _, out, _ = run_doit(project, "gc", env=ENV)
+    assert "nothing to collect" in out, out
+    executed, out, _ = doit(project, "build:t")
+    assert executed == set(), out
+
+
+def test_restored_into_a_fresh_clone_at_another_path_nothing_runs(project, tmp_path):
+    # what CI does: a new checkout (new path, new file times) plus artifacts/ restored from its cache
+    clone = tmp_path / "elsewhere" / "clone"
+    shutil.copytree(project, clone, copy_function=shutil.copy)  # copy contents, not times
+    later = time.time() + 3600
+    for p in clone.rglob("*"):
+        if p.is_file():
+            os.utime(p, (later, later))
+    executed, out, _ = doit(clone, "build:t")
+    assert executed == set(), out

@@ -1,0 +1,280 @@
+"""tunebuild's doit commands (registered as doit plugins in pyproject.toml):
+
+- `doit why [TASK ...]`: every task that the selected tasks would run, transitively, each with its reasons —
+  which config key changed (old → new value), which recipe file changed, which upstream output changed or is
+  not built yet, which output is missing. Nothing is executed and doit's state is not written.
+- `doit gc [--yes]`: the artifact folders no current task writes, the run-cache entries no current task would
+  restore, and temporary folders of interrupted runs; with the space each frees. Deletes only with `--yes`.
+
+Both only read the task list and doit's state; like dodo.py they import nothing heavy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from doit.cmd_base import DoitCmdBase, check_tasks_exist
+from doit.exceptions import InvalidCommand
+
+from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, config_changed
+
+RUN, MAYBE = "will run", "may run"
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _show(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for every leaf that differs."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x != y:
+            lines.append(f"{key}: {'(unset)' if x is missing else _show(x)} → {'(unset)' if y is missing else _show(y)}")
+    return lines
+
+
+def _selection(cmd, pos_args) -> tuple[dict, list[str]]:
+    tasks = {t.name: t for t in cmd.task_list}
+    selected = list(pos_args or cmd.sel_tasks or [n for n, t in tasks.items() if not t.subtask_of])
+    try:
+        check_tasks_exist(tasks, selected)
+    except Exception as e:  # doit's own message names the unknown task
+        raise InvalidCommand(str(e)) from None
+    return tasks, selected
+
+
+def _closure(tasks: dict, selected: list[str], producer: dict) -> list[str]:
+    """The selected tasks and everything they depend on (task_dep, setup tasks and the tasks that produce their
+    file_dep), upstream first."""
+    order, seen = [], set()
+
+    def visit(name: str):
+        if name in seen:
+            return
+        seen.add(name)
+        t = tasks[name]
+        for dep in [*t.task_dep, *t.setup_tasks, *(producer[f] for f in sorted(t.file_dep) if f in producer)]:
+            visit(dep)
+        order.append(name)
+
+    for name in selected:
+        visit(name)
+    return order
+
+
+class Why(DoitCmdBase):
+    name = "why"
+    doc_purpose = "say which tasks would run and why, transitively, without running anything"
+    doc_usage = "[TASK ...]"
+    doc_description = ("For each task the selection would run: the config keys that changed (old → new), the "
+                       "files that changed, the upstream outputs that changed or are not built, the missing "
+                       "outputs. Tasks downstream of one that will run are listed as 'may run': if the upstream "
+                       "output comes out byte-identical, they stay up to date (early cutoff).")
+    cmd_options = ()
+
+    def _execute(self, pos_args=None):
+        tasks, selected = _selection(self, pos_args)
+        producer = {target: t.name for t in tasks.values() for target in t.targets}
+        verdicts: dict[str, tuple[str, list[str]]] = {}
+        for name in _closure(tasks, selected, producer):
+            task = tasks[name]
+            if not task.actions:  # a group task (build:<recipe>): it runs what it depends on
+                continue
+            reasons = self._reasons(task, tasks, producer, verdicts)
+            upstream = sorted({producer[f] for f in task.file_dep if f in producer
+                               and verdicts.get(producer[f], ("",))[0] in (RUN, MAYBE)})
+            if reasons:
+                verdicts[name] = (RUN, reasons)
+            elif upstream:
+                verdicts[name] = (MAYBE, [f"if the output of {u} changes" for u in upstream])
+        try:
+            self._print(tasks, verdicts)
+        finally:
+            self.dep_manager.close()
+        return 0
+
+    def _reasons(self, task, tasks, producer, verdicts) -> list[str]:
+        status = self.dep_manager.get_status(task, tasks, get_log=True)
+        if status.status == "up-to-date":
+            return []
+        r = status.reasons
+        if r.get("missing_target") and not self.dep_manager.get_values(task.name) \
+                and self.dep_manager._get(task.name, "deps:") is None:
+            return [f"never built (no {', '.join(r['missing_target'])})"]
+        out = []
+        if r.get("has_no_dependencies"):
+            out.append("always runs (no dependencies)")
+        for utd, _args, _kwargs in r.get("uptodate_false", []):
+            out.extend(self._uptodate_reason(task, utd))
+        for target in r.get("missing_target", []):
+            out.append(f"missing output {target}")
+        for dep in r.get("added_file_dep", []):
+            out.append(f"new input {dep}")
+        for dep in r.get("removed_file_dep", []):
+            out.append(f"input no longer used {dep}")
+        if r.get("checker_changed"):
+            out.append("the file checker changed: every input is rechecked")
+        for dep in r.get("missing_file_dep", []):
+            if dep in producer:
+                out.append(f"input not built yet: {dep} (from {producer[dep]})")
+            else:
+                out.append(f"missing input file {dep}")
+        for dep in r.get("changed_file_dep", []):
+            if dep in producer:
+                out.append(f"upstream output changed: {dep} (from {producer[dep]})")
+            else:
+                out.append(f"file changed: {dep}")
+        return out
+
+    def _uptodate_reason(self, task, utd) -> list[str]:
+        if isinstance(utd, config_changed):
+            values = self.dep_manager.get_values(task.name)
+            saved = values.get(config_changed.KEY)
+            if saved is None:
+                if "_config_changed" in values:
+                    return ["config changed (the earlier config was recorded as a digest only)"]
+                return ["never built with a recorded config"]
+            diff = config_diff(json.loads(saved), utd.config)
+            return [f"config {d}" for d in diff] or ["config changed"]
+        if getattr(utd, "__name__", "") == "exists" and getattr(utd, "__self__", None) is not None:
+            return [f"missing {utd.__self__}"]
+        return [f"up-to-date check {getattr(utd, '__name__', utd)!s} is false"]
+
+    def _print(self, tasks, verdicts) -> None:
+        out = self.outstream
+        run = [n for n, (v, _) in verdicts.items() if v == RUN]
+        maybe = [n for n, (v, _) in verdicts.items() if v == MAYBE]
+        if not verdicts:
+            out.write("everything selected is up to date: nothing would run\n")
+            return
+        out.write(f"{len(run)} task(s) will run, {len(maybe)} may run (only if an upstream output changes):\n")
+        width = max(len(n) for n in verdicts)
+        for name, (verdict, reasons) in verdicts.items():
+            out.write(f"{name:<{width}}  {verdict:<8}  {reasons[0]}\n")
+            for reason in reasons[1:]:
+                out.write(f"{'':<{width}}  {'':<8}  {reason}\n")
+
+
+def _size(paths: list[Path]) -> int:
+    """Bytes freed by deleting `paths`: a hard-linked file counts only if every link to it goes."""
+    links: dict[tuple[int, int], list] = {}
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        for f in files:
+            st = f.stat()
+            entry = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_size])
+            entry[0] += 1
+    return sum(size for seen, nlink, size in links.values() if seen >= nlink)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Gc(DoitCmdBase):
+    name = "gc"
+    doc_purpose = "list (or with --yes delete) artifacts and run-cache entries no current recipe reaches"
+    doc_usage = "[--yes]"
+    doc_description = ("Reached: the output folder of every task of every current recipe, and the run-cache "
+                       "entry each stage task would restore now (its key from its config and its current "
+                       "inputs). Everything else under artifacts/ except doit's state, the LLM ledger and the "
+                       "scores database is garbage. A dry run unless --yes.")
+    cmd_options = ({"name": "yes", "long": "yes", "type": bool, "default": False,
+                    "help": "delete what is listed (default: only list it)"},)
+
+    def _execute(self, yes=False):
+        from pipeline.runner import CACHE, VERSIONS
+        from pipeline.store import cache_key, input_digest
+
+        try:
+            keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
+                    if Path(t).name == MANIFEST}
+            keep_files = {p.resolve() for p in (DB, LEDGER, ARTIFACTS / ".doit.sqlite")}
+            reached_keys = set()
+            for task in self.task_list:
+                for action in task.actions:
+                    kw = getattr(action, "kwargs", None) or {}
+                    if "stage" not in kw or not kw.get("cache"):
+                        continue
+                    try:
+                        digests = {k: input_digest(Path(v)) for k, v in kw["inputs"].items()}
+                    except (FileNotFoundError, OSError):
+                        continue  # an input is not built: this task reaches no cache entry now
+                    key = cache_key(kw["stage"], VERSIONS[kw["stage"]], kw["config"], {**digests, **kw["params"]})
+                    reached_keys.add((kw["stage"], key))
+            garbage: list[tuple[Path, str]] = []
+            cache_root = CACHE.resolve()
+            if ARTIFACTS.is_dir():
+                self._walk(ARTIFACTS.resolve(), keep, keep_files, cache_root, garbage)
+            if cache_root.is_dir():
+                for stage_dir in sorted(p for p in cache_root.iterdir() if p.is_dir()):
+                    for entry in sorted(stage_dir.iterdir()):
+                        if entry.name.startswith("."):
+                            garbage.append((entry, "temporary cache folder of an interrupted run"))
+                        elif (stage_dir.name, entry.name) not in reached_keys:
+                            garbage.append((entry, "run-cache entry no current task would restore"))
+            self._report(garbage, yes)
+        finally:
+            self.dep_manager.close()
+        return 0
+
+    def _walk(self, folder: Path, keep, keep_files, cache_root, garbage) -> None:
+        for p in sorted(folder.iterdir()):
+            rp = p.resolve()
+            if rp == cache_root or rp in keep:
+                continue
+            if p.is_file() or p.is_symlink():
+                name = p.name
+                if rp in keep_files or any(name.startswith(k.name) for k in keep_files) \
+                        or name in (".gitignore", ".gitkeep"):  # -wal, -shm, .lock files; git's own
+                    continue
+                garbage.append((p, "file no current task writes"))
+            elif ".tmp-" in p.name or ".old-" in p.name:
+                garbage.append((p, "temporary folder of an interrupted run"))
+            elif any(k.is_relative_to(rp) for k in keep):
+                self._walk(p, keep, keep_files, cache_root, garbage)
+            else:
+                garbage.append((p, "no current recipe writes here"))
+
+    def _report(self, garbage, yes: bool) -> None:
+        out = self.outstream
+        if not garbage:
+            out.write("nothing to collect: every artifact and run-cache entry is reached by a current recipe\n")
+            return
+        total = _size([p for p, _ in garbage])
+        root = Path.cwd()
+        for p, why in garbage:
+            shown = p.relative_to(root) if p.is_relative_to(root) else p
+            out.write(f"{_human(_size([p])):>10}  {shown}  ({why})\n")
+        if yes:
+            for p, _ in garbage:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    try:
+                        os.remove(p)
+                    except FileNotFoundError:
+                        pass
+            out.write(f"deleted {len(garbage)} item(s), {_human(total)} freed\n")
+        else:
+            out.write(f"{len(garbage)} item(s), {_human(total)} would be freed: run `doit gc --yes` to delete\n")
