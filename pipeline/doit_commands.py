@@ -19,34 +19,9 @@ from doit.cmd_base import DoitCmdBase, check_tasks_exist
 from doit.exceptions import InvalidCommand
 
 from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, config_changed
+from pipeline.store import config_diff
 
 RUN, MAYBE = "will run", "may run"
-
-
-def _flatten(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict) and obj:
-        out = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
-
-def _show(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    """'key: old → new' for every leaf that differs."""
-    a, b = _flatten(old), _flatten(new)
-    missing = object()
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key, missing), b.get(key, missing)
-        if x != y:
-            lines.append(f"{key}: {'(unset)' if x is missing else _show(x)} → {'(unset)' if y is missing else _show(y)}")
-    return lines
 
 
 def _selection(cmd, pos_args) -> tuple[dict, list[str]]:

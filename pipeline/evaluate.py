@@ -31,7 +31,13 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
 
     ensure_available(str(model))
     dev = device() if config["device"] == "auto" else config["device"]
-    manager = TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None)
+    manager = None
+    if include_path:  # local tasks only: indexing lm-eval's ~15,000 own tasks takes ~15 s
+        manager = TaskManager(include_path=str(Path(include_path).resolve()), include_defaults=False)
+        if any(t not in manager.all_tasks for t in suite["tasks"]):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None)
     missing = [t for t in suite["tasks"] if t not in manager.all_tasks]
     if missing:
         where = f"in {include_path} or " if include_path else ""

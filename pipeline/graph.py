@@ -194,8 +194,9 @@ class Project:
         entries = []
         for role, src in self.models(r).items():
             for suite, sc in sorted(suites.items()):
+                run_settings = {k: v for k, v in sc.items() if k != "categories"}  # used by scores only
                 entries.append({"role": role, "src": src, "suite": suite, "stage": "evaluate", "settings": sc,
-                                "config": {**{k: ev[k] for k in ("batch_size", "device")}, "suite": sc}})
+                                "config": {**{k: ev[k] for k in ("batch_size", "device")}, "suite": run_settings}})
             if ev["heldout"]:
                 entries.append({"role": role, "src": src, "suite": "heldout", "stage": "heldout", "settings": None,
                                 "config": {"heldout_max_items": ev["heldout_max_items"]}})
@@ -214,7 +215,7 @@ class Project:
                 inputs.update(heldout=str(data / "heldout.jsonl"), chat_template=template)
                 deps += [str(data / MANIFEST), template]
             else:
-                params["suite"] = e["settings"]
+                params["suite"] = e["config"]["suite"]
                 if e["settings"]["include_path"]:
                     folder = Path(self.rel(e["settings"]["include_path"]))
                     inputs["include_path"] = str(folder)
@@ -228,9 +229,13 @@ class Project:
         for e in self.eval_entries(r):
             src = e["src"]
             dataset = str(self._out(r, "filter")) if e["role"] == "tuned" else None
+            categories = (e["settings"] or {}).get("categories")
             entries.append({"role": e["role"], "model_ref": src.ref, "suite": e["suite"], "result": str(e["out"]),
-                            "model": str(src.folder) if src.folder else src.external, "dataset": dataset})
+                            "model": str(src.folder) if src.folder else src.external, "dataset": dataset,
+                            "categories": self.rel(categories) if categories else None})
             deps.append(str(e["out"] / MANIFEST))
+            if categories:
+                deps.append(self.rel(categories))
         yield self._task(r, "scores", r.name, self._out(r, "scores"), file_dep=deps, config={"entries": entries},
                          params={"recipe": r.name, "entries": entries}, unkeyed={"db": str(DB)}, cache=False,
                          verbosity=1, extra_uptodate=[DB.exists], doc=f"load {r.name}'s results into {DB}")

@@ -117,6 +117,8 @@ SCHEMA: dict = {
             "limit": Key(int, 0, doc="0: all documents"),
             "apply_chat_template": Key(bool, False),
             "max_gen_toks": Key(int, 0, doc="0: each task's own generation_kwargs"),
+            "categories": Key(str, None, file=True,
+                              doc="JSON file: subject (lm-eval task name) -> category or list of categories"),
         }),
     },
 }
@@ -271,8 +273,26 @@ def _check_semantics(path: Path, c: dict) -> None:
         raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
     if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:
         raise RecipeError(f"{path}: filter.rouge_threshold: expected a number in (0, 1]")
+    for suite, sc in c["eval"]["suites"].items():
+        if sc["categories"]:
+            _check_categories(path, f"eval.suites.{suite}.categories", path.parent / sc["categories"])
     if not c["eval"]["suites"] and not c["eval"]["heldout"]:
         raise RecipeError(f"{path}: eval.suites: no suite and eval.heldout = false: nothing would be evaluated")
+
+
+def _check_categories(path: Path, dotted: str, file: Path) -> None:
+    import json
+
+    try:
+        mapping = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise RecipeError(f"{path}: {dotted}: {file} is not valid JSON ({e})") from None
+    ok = isinstance(mapping, dict) and all(
+        isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
+        for v in mapping.values())
+    if not ok or not mapping:
+        raise RecipeError(f"{path}: {dotted}: {file} must map each subject (an lm-eval task name) to a category "
+                          f"or a list of categories")
 
 
 def load_recipes(recipes_dir: Path) -> list[Recipe]:

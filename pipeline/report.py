@@ -1,7 +1,10 @@
 """Stage `report`: the base-vs-tuned comparison of one recipe, read from `artifacts/scores.duckdb`.
 
-Prints the table and writes it as `comparison.md`. A delta is marked better/worse by the metric's direction;
-a pair whose eval configs differ is flagged instead of silently compared.
+Writes `comparison.md` (and prints it): per suite and metric the before/after summary the anchor projects
+tabulate by hand (average before, after, average / max / min improvement over subjects), per-subject and
+per-category tables (micro and macro averages, labelled) with paired bootstrap CIs and p-values, and the plain
+table of every metric. Plots: `subjects-<suite>-<metric>.png`, the per-subject improvement with its CI.
+A delta whose CI contains 0 is shown as not significant; a delta is better/worse by the metric's direction.
 """
 from __future__ import annotations
 
@@ -41,8 +44,83 @@ def render(recipe: str, rows: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(db: Path, recipe: str) -> list[dict]:
+    import duckdb
+
+    with file_lock(Path(db)):
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            cur = con.execute("SELECT * FROM paired WHERE recipe = ? ORDER BY suite, metric, filter, level DESC, "
+                              "name, average", [recipe])
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+        except duckdb.CatalogException:
+            return []
+        finally:
+            con.close()
+
+
+def _sig(r: dict) -> str:
+    return "CI excludes 0" if r["ci_excludes_zero"] else "CI contains 0"
+
+
+def _p(x) -> str:
+    return "" if x is None else (f"{x:.3g}" if x >= 0.001 else "<0.001")
+
+
+def render_paired(rows: list[dict], out_dir: Path) -> str:
+    from pipeline.plots import bar_chart
+
+    lines = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["suite"], r["metric"], r["filter"]), []).append(r)
+    for (suite, metric, filt), rs in groups.items():
+        subj = [r for r in rs if r["level"] == "subject"]
+        overall = {r["average"]: r for r in rs if r["level"] == "overall"}
+        cats = [r for r in rs if r["level"] == "category"]
+        title = f"{suite} · {metric}" + (f" ({filt})" if filt not in ("none", "") else "")
+        lines += [f"### {title}", ""]
+        if subj and overall:
+            best = max(subj, key=lambda r: r["delta"])
+            worst = min(subj, key=lambda r: r["delta"])
+            mi, ma = overall["micro"], overall["macro"]
+            lines += ["| | average before | average after | average improvement | 95% CI | max improvement | "
+                      "min improvement | subjects improved |", "|---|---:|---:|---:|---|---:|---:|---:|",
+                      f"| micro (documents) | {mi['a']:.4f} | {mi['b']:.4f} | {mi['delta']:+.4f} | "
+                      f"[{mi['ci_low']:+.4f}, {mi['ci_high']:+.4f}] {_sig(mi)} | {best['delta']:+.4f} "
+                      f"({best['name']}) | {worst['delta']:+.4f} ({worst['name']}) | "
+                      f"{sum(r['delta'] > 0 for r in subj)}/{len(subj)} |",
+                      f"| macro (subjects) | {ma['a']:.4f} | {ma['b']:.4f} | {ma['delta']:+.4f} | "
+                      f"[{ma['ci_low']:+.4f}, {ma['ci_high']:+.4f}] {_sig(ma)} | | | |", ""]
+        lines += ["| subject | n | base | tuned | delta | 95% CI | p | p (Holm) | |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+        for r in subj:
+            lines.append(f"| {r['name']} | {r['n']} | {r['a']:.4f} | {r['b']:.4f} | {r['delta']:+.4f} | "
+                         f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {_p(r['p_value'])} | {_p(r['p_holm'])} | "
+                         f"{_sig(r)} |")
+        if cats or overall:
+            lines += ["", "| category | average | subjects | n | base | tuned | delta | 95% CI | p | |",
+                      "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+            for r in cats + [overall[k] for k in ("micro", "macro") if k in overall]:
+                lines.append(f"| {r['name']} | {r['average']} | {r['subjects']} | {r['n']} | {r['a']:.4f} | "
+                             f"{r['b']:.4f} | {r['delta']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
+                             f"{_p(r['p_value'])} ({r['test']}) | {_sig(r)} |")
+        if subj:
+            png = f"subjects-{suite}-{metric}.png".replace("/", "_")
+            bar_chart(out_dir / png, [r["name"] for r in subj], {"tuned − base": [r["delta"] for r in subj]},
+                      errors={"tuned − base": [(r["ci_low"], r["ci_high"]) for r in subj]},
+                      title=f"{title}: improvement per subject (95% paired bootstrap CI)", ylabel="delta")
+            lines += ["", f"![per-subject improvement]({png})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, config: dict | None = None) -> dict:
     text = render(recipe, table(Path(db), recipe))
+    pair = paired(Path(db), recipe)
+    if pair:
+        text += "\n## Paired comparisons (same documents)\n\n" + render_paired(pair, out_dir)
     (out_dir / "comparison.md").write_text(text, encoding="utf-8")
     print("\n" + text, flush=True)
     return {}

@@ -6,6 +6,14 @@ manifest, or the hub id), dataset digest (the filtered dataset the model was tun
 resolved lm-eval task configs, the eval settings and the harness version) and package versions. A recipe's rows
 are replaced in one transaction, under a file lock, so parallel builds never write the database at once.
 The view `comparison` pairs base and tuned per (recipe, suite, task, subject, metric).
+
+Per-document scores (lm-eval's samples) go into `items`, and base vs tuned is compared on the same documents
+(matched by lm-eval's doc_hash) in `paired`: per subject (each lm-eval leaf task), per category of the suite's
+`categories` mapping and overall, micro (documents pooled) and macro (subjects weighted equally) averages
+labelled as such, with the delta, a paired bootstrap CI (`ci_low`, `ci_high`), `p_value` (McNemar's exact test
+for 0/1 metrics, Wilcoxon otherwise, bootstrap for macro averages) and `p_holm` (Holm across a suite's subjects).
+Views: `subject_deltas`, `category_deltas`, `micro`, `macro`. Two models evaluated with different eval configs are
+never paired: the stage fails and says which settings differ.
 """
 from __future__ import annotations
 
@@ -28,7 +36,22 @@ FROM scores b JOIN scores t
   ON b.recipe = t.recipe AND b.suite = t.suite AND b.task = t.task AND b.subject = t.subject
  AND b.metric = t.metric AND b.filter = t.filter
 WHERE b.model = 'base' AND t.model = 'tuned';
+CREATE TABLE IF NOT EXISTS items (
+    recipe TEXT, model TEXT, suite TEXT, task TEXT, metric TEXT, filter TEXT, doc_hash TEXT, doc_id INTEGER,
+    value DOUBLE
+);
+CREATE TABLE IF NOT EXISTS paired (
+    recipe TEXT, suite TEXT, metric TEXT, filter TEXT, model_a TEXT, model_b TEXT, level TEXT, name TEXT,
+    average TEXT, n INTEGER, subjects INTEGER, a DOUBLE, b DOUBLE, delta DOUBLE, ci_low DOUBLE, ci_high DOUBLE,
+    p_value DOUBLE, p_holm DOUBLE, test TEXT, ci_excludes_zero BOOLEAN
+);
+CREATE OR REPLACE VIEW subject_deltas AS SELECT * FROM paired WHERE level = 'subject';
+CREATE OR REPLACE VIEW category_deltas AS SELECT * FROM paired WHERE level IN ('category', 'overall');
+CREATE OR REPLACE VIEW micro AS SELECT * FROM paired WHERE average = 'micro';
+CREATE OR REPLACE VIEW macro AS SELECT * FROM paired WHERE average = 'macro';
 """
+PAIRED = ["recipe", "suite", "metric", "filter", "model_a", "model_b", "level", "name", "average", "n", "subjects",
+          "a", "b", "delta", "ci_low", "ci_high", "p_value", "p_holm", "test", "ci_excludes_zero"]
 COLUMNS = ["recipe", "model", "model_ref", "suite", "task", "subject", "metric", "filter", "value", "stderr", "n",
            "higher_is_better", "model_digest", "dataset_digest", "eval_config_digest", "packages"]
 
@@ -52,10 +75,94 @@ def rows_for(recipe: str, entry: dict) -> list[dict]:
     return rows
 
 
+def items_for(recipe: str, entry: dict) -> list[tuple]:
+    """Per-document metric values from lm-eval's samples (numeric metrics only)."""
+    out = []
+    folder = Path(entry["result"]) / "samples"
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        task = path.stem
+        for line in path.read_text(encoding="utf-8").splitlines():
+            s = json.loads(line)
+            for metric in s.get("metrics", []):
+                v = s.get(metric)
+                if isinstance(v, bool) or isinstance(v, (int, float)):
+                    out.append((recipe, entry["role"], entry["suite"], task, metric, s.get("filter", "none"),
+                                s.get("doc_hash") or str(s.get("doc_id")), s.get("doc_id"), float(v)))
+    return out
+
+
+def eval_config_of(entry: dict) -> dict:
+    result = json.loads((Path(entry["result"]) / "results.json").read_text())
+    return {"eval": result["eval_config"], "lm_eval": result["packages"].get("lm_eval"),
+            "configs": result.get("configs", {})}
+
+
+def check_comparable(suite: str, a: dict, b: dict, name_a: str = "base", name_b: str = "tuned") -> None:
+    """Refuse to compare two evaluations whose configs differ, saying what differs."""
+    from pipeline.errors import TunebuildError
+    from pipeline.store import config_diff
+
+    diff = config_diff(a, b)
+    if diff:
+        more = f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""
+        raise TunebuildError(f"suite {suite}: {name_a} and {name_b} were evaluated with different eval configs, "
+                             f"so they are not compared: {'; '.join(diff[:5])}{more}")
+
+
+def read_categories(path: str | None, subjects: list[str]) -> dict[str, list[str]]:
+    from pipeline.errors import TunebuildError
+
+    if not path:
+        return {}
+    mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    missing = [s for s in subjects if s not in mapping]
+    if missing:
+        raise TunebuildError(f"{path}: no category for subject(s) {', '.join(missing)}: every lm-eval task of "
+                             f"the suite needs one")
+    return {s: [mapping[s]] if isinstance(mapping[s], str) else list(mapping[s]) for s in subjects}
+
+
+def paired_rows(recipe: str, entries: list[dict], items: list[tuple]) -> list[dict]:
+    """base vs tuned on the same documents, per suite, metric and filter."""
+    from pipeline.stats import paired_summary
+
+    by_role_suite = {(e["role"], e["suite"]): e for e in entries}
+    values: dict[tuple, dict[str, float]] = {}
+    for _, role, suite, task, metric, filt, doc, _, v in items:
+        values.setdefault((role, suite, task, metric, filt), {})[doc] = v
+    out = []
+    for suite in sorted({e["suite"] for e in entries}):
+        base, tuned = by_role_suite.get(("base", suite)), by_role_suite.get(("tuned", suite))
+        if not base or not tuned:
+            continue
+        keys = sorted({k[2:] for k in values if k[1] == suite and k[0] == "base"} &
+                      {k[2:] for k in values if k[1] == suite and k[0] == "tuned"})
+        if not keys:
+            continue
+        check_comparable(suite, eval_config_of(base), eval_config_of(tuned))
+        for metric, filt in sorted({(m, f) for _, m, f in keys}):
+            subjects = {}
+            for task in sorted({t for t, m, f in keys if (m, f) == (metric, filt)}):
+                a, b = values[("base", suite, task, metric, filt)], values[("tuned", suite, task, metric, filt)]
+                docs = sorted(set(a) & set(b))
+                subjects[task] = ([a[d] for d in docs], [b[d] for d in docs])
+            categories = read_categories(tuned.get("categories"), sorted(subjects))
+            for r in paired_summary(subjects, categories):
+                out.append({"recipe": recipe, "suite": suite, "metric": metric, "filter": filt, "model_a": "base",
+                            "model_b": "tuned", **r.__dict__,
+                            "ci_excludes_zero": bool(r.ci_low > 0 or r.ci_high < 0)})
+    return out
+
+
 def run(out_dir: Path, *, recipe: str, entries: list[dict], db: Path, config: dict | None = None) -> dict:
     import duckdb
 
     rows = [r for e in entries for r in rows_for(recipe, e)]
+    items = [i for e in entries for i in items_for(recipe, e)]
+    paired = paired_rows(recipe, entries, items)
+    with open(out_dir / "paired.jsonl", "w", encoding="utf-8") as f:
+        for r in paired:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
     with open(out_dir / "rows.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -69,8 +176,16 @@ def run(out_dir: Path, *, recipe: str, entries: list[dict], db: Path, config: di
             if rows:
                 con.executemany(f"INSERT INTO scores ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                                 [[r[c] for c in COLUMNS] for r in rows])
+            con.execute("DELETE FROM items WHERE recipe = ?", [recipe])
+            if items:
+                con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
+            con.execute("DELETE FROM paired WHERE recipe = ?", [recipe])
+            if paired:
+                con.executemany(f"INSERT INTO paired ({', '.join(PAIRED)}) VALUES ({', '.join('?' * len(PAIRED))})",
+                                [[r[c] for c in PAIRED] for r in paired])
             con.execute("COMMIT")
         finally:
             con.close()
-    print(f"scores: {len(rows)} rows for recipe {recipe} in {db}")
-    return {"rows": len(rows)}
+    print(f"scores: {len(rows)} rows, {len(items)} per-document scores, {len(paired)} paired comparisons "
+          f"for recipe {recipe} in {db}")
+    return {"rows": len(rows), "items": len(items), "paired": len(paired)}

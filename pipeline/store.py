@@ -33,6 +33,31 @@ def digest_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def config_diff(old: dict, new: dict, width: int = 60) -> list[str]:
+    """'dotted.key: old → new' for every leaf value that differs between two nested dicts."""
+    def show(value) -> str:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x != y:
+            lines.append(f"{key}: {'(unset)' if x is missing else show(x)} → {'(unset)' if y is missing else show(y)}")
+    return lines
+
+
 def input_digest(path: Path) -> str:
     """Digest of an input: a folder artifact by its manifest, another folder by its files, a file by content."""
     path = Path(path)

@@ -74,16 +74,31 @@ def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     rows = con.execute("SELECT model, suite, task, metric, value, n, model_digest, dataset_digest, "
                        "eval_config_digest, packages FROM scores WHERE recipe = 't'").fetchall()
-    assert {(r[0], r[1]) for r in rows} == {("base", "tb_basic"), ("tuned", "tb_basic"), ("base", "heldout"),
-                                            ("tuned", "heldout")}
-    assert {r[2] for r in rows} == {"tb_capitals_mc", "tb_arithmetic_gen", "heldout"}
+    assert {(r[0], r[1]) for r in rows} == {(m, s) for m in ("base", "tuned")
+                                            for s in ("tb_basic", "heldout", "subjects")}
+    assert {"tb_capitals_mc", "tb_arithmetic_gen", "heldout", "tb_subj_zh_math"} <= {r[2] for r in rows}
     assert all(r[6] and r[8] for r in rows)
     assert all(r[7] for r in rows if r[0] == "tuned") and all(r[7] is None for r in rows if r[0] == "base")
     assert json.loads(rows[0][9])["transformers"]
     loss = dict(con.execute("SELECT model, value FROM scores WHERE recipe='t' AND metric='loss'").fetchall())
     assert loss["tuned"] != loss["base"]
-    cmp_rows = con.execute("SELECT count(*) FROM comparison WHERE recipe = 't'").fetchone()[0]
-    assert cmp_rows == 5
+    cmp_rows = con.execute("SELECT count(*) FROM comparison WHERE recipe = 't' AND suite <> 'subjects'").fetchone()
+    assert cmp_rows[0] == 5
+    # per-document pairing, per-subject and per-category statistics, micro and macro labelled
+    subj = con.execute("SELECT name, n, delta, ci_low, ci_high, p_value, p_holm FROM subject_deltas "
+                       "WHERE recipe = 't' AND suite = 'subjects' AND metric = 'acc'").fetchall()
+    assert len(subj) == 6 and all(r[1] == 6 and r[3] <= r[2] <= r[4] and r[6] >= r[5] for r in subj)
+    cats = con.execute("SELECT name, average, subjects, n FROM category_deltas WHERE recipe = 't' "
+                       "AND suite = 'subjects' AND metric = 'acc' ORDER BY name, average").fetchall()
+    assert ("STEM", "macro", 3, 18) in cats and ("all", "micro", 6, 36) in cats and ("Hard", "micro", 1, 6) in cats
+    n_items = con.execute("SELECT count(*) FROM items WHERE recipe = 't' AND suite = 'subjects' AND model = 'base' "
+                          "AND metric = 'acc'").fetchone()[0]
+    assert n_items == 36
+    report = (project / "artifacts/t/report/comparison.md").read_text()
+    assert "average before" in report and "| micro (documents) |" in report and "| macro (subjects) |" in report
+    from PIL import Image
+    with Image.open(project / "artifacts/t/report/subjects-subjects-acc.png") as img:
+        img.verify()
     gen = json.loads((project / "artifacts/t/generate/report.json").read_text())
     assert gen["machine_instructions"] == 8 and gen["usage"]["requests"] > 0
 
