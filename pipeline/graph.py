@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.recipe import Recipe, load_recipes
+from pipeline.recipe import Recipe, RecipeError, load_recipes
 
 ARTIFACTS = Path("artifacts")
 DB = ARTIFACTS / "scores.duckdb"
@@ -96,8 +96,14 @@ def model_source(ref: str) -> ModelSource:
     return ModelSource(ref, None, ref)
 
 
+_FILES_UNDER: dict[tuple[Path, Path], list[str]] = {}
+
+
 def _files_under(root: Path, folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in (root / folder).rglob("*") if p.is_file())
+    key = (root, folder)
+    if key not in _FILES_UNDER:
+        _FILES_UNDER[key] = sorted(str(p.relative_to(root)) for p in (root / folder).rglob("*") if p.is_file())
+    return list(_FILES_UNDER[key])
 
 
 class Project:
@@ -114,7 +120,9 @@ class Project:
     # -- tasks -------------------------------------------------------------------------------------------------
     def model_tasks(self):
         refs = sorted({r.config["model"]["base"] for r in self.recipes} |
-                      {r.config["generate"]["model"] for r in self.recipes if r.config["generate"]["backend"] == "local"})
+                      {r.config["generate"]["model"] for r in self.recipes if r.config["generate"]["backend"] == "local"} |
+                      {m["model"] for r in self.recipes for m in r.config["eval"]["models"].values()
+                       if m["model"].startswith("builtin:")})
         for ref in refs:
             src = model_source(ref)
             if src.folder is None:
@@ -183,12 +191,30 @@ class Project:
                          verbosity=1, doc=f"merge the adapter into {src.ref} for {r.name}")
 
     def models(self, r: Recipe) -> dict[str, ModelSource]:
-        """The models a recipe evaluates, by role."""
-        return {"base": model_source(r.config["model"]["base"]),
-                "tuned": ModelSource(f"{r.name}/merge", self._out(r, "merge"), None)}
+        """The models a recipe evaluates, by role: base, tuned, then the extra models of `[eval.models]`."""
+        out = {"base": model_source(r.config["model"]["base"]),
+               "tuned": ModelSource(f"{r.name}/merge", self._out(r, "merge"), None)}
+        names = {x.name for x in self.recipes}
+        for name, mc in sorted(r.config["eval"]["models"].items()):
+            ref = mc["model"]
+            if ref.startswith("recipe:"):
+                other = ref[len("recipe:"):]
+                if other not in names:
+                    raise RecipeError(f"{r.path}: eval.models.{name}.model: no recipe named {other!r} "
+                                      f"(known: {', '.join(sorted(names))})")
+                out[name] = ModelSource(f"{other}/merge", ARTIFACTS / other / "merge", None)
+            else:
+                out[name] = model_source(ref)
+        return out
 
     def eval_entries(self, r: Recipe) -> list[dict]:
         """One entry per (model, suite): the evaluation task's name, output folder, and how to run it."""
+        cache = self.__dict__.setdefault("_entries_by_recipe", {})
+        if r.name not in cache:
+            cache[r.name] = self._make_eval_entries(r)
+        return cache[r.name]
+
+    def _make_eval_entries(self, r: Recipe) -> list[dict]:
         ev = r.section("eval")
         suites = ev.pop("suites")
         entries = []

@@ -110,6 +110,10 @@ SCHEMA: dict = {
         "device": Key(str, "auto"),
         "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
         "heldout_max_items": Key(int, 200),
+        "models": TableOf({
+            "model": Key(str, doc="'builtin:tiny', a local model folder, a hub id, or 'recipe:<name>' (that "
+                                  "recipe's tuned model)"),
+        }),
         "suites": TableOf({
             "tasks": Key(list, doc="lm-eval task or group names"),
             "include_path": Key(str, None, file=True, doc="folder of lm-eval task YAML (+ data) under recipes/"),
@@ -203,12 +207,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return merged
 
 
+_TOML: dict[bytes, dict] = {}    # parsed TOML by content: 50 recipes extending one file parse it once
+_TEMPLATES: set[str] = set()     # chat templates (their text) already checked
+
+
 def _read_toml(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = Path(path).read_bytes()
+        if data not in _TOML:
+            _TOML[data] = tomllib.loads(data.decode("utf-8"))
+        return copy.deepcopy(_TOML[data])
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise RecipeError(f"{path}: cannot be read: {e.strerror}") from None
 
@@ -248,11 +260,14 @@ def _check_semantics(path: Path, c: dict) -> None:
     import jinja2
 
     template = path.parent / c["model"]["chat_template"]
-    try:
-        jinja2.Environment().parse(template.read_text(encoding="utf-8"))
-    except jinja2.TemplateSyntaxError as e:
-        raise RecipeError(f"{path}: model.chat_template: {template} is not a valid Jinja template "
-                          f"(line {e.lineno}: {e.message})") from None
+    text = template.read_text(encoding="utf-8")
+    if text not in _TEMPLATES:
+        try:
+            jinja2.Environment().parse(text)
+        except jinja2.TemplateSyntaxError as e:
+            raise RecipeError(f"{path}: model.chat_template: {template} is not a valid Jinja template "
+                              f"(line {e.lineno}: {e.message})") from None
+        _TEMPLATES.add(text)
     for dotted in ("model.base", "generate.model"):
         section, key = dotted.split(".")
         ref = c[section][key]
@@ -273,6 +288,15 @@ def _check_semantics(path: Path, c: dict) -> None:
         raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
     if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:
         raise RecipeError(f"{path}: filter.rouge_threshold: expected a number in (0, 1]")
+    for name, mc in c["eval"]["models"].items():
+        where = f"{path}: eval.models.{name}"
+        if name in ("base", "tuned") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise RecipeError(f"{where}: a model name holds letters, digits, '_' or '-' and is not 'base' or 'tuned'")
+        ref = mc["model"]
+        if ref.startswith(BUILTIN_PREFIX) and ref not in BUILTIN_MODELS:
+            raise RecipeError(f"{where}.model: unknown built-in model {ref!r} (known: {', '.join(BUILTIN_MODELS)})")
+        if ref.startswith("recipe:") and not NAME_RE.match(ref[len("recipe:"):]):
+            raise RecipeError(f"{where}.model: expected 'recipe:<recipe name>', got {ref!r}")
     for suite, sc in c["eval"]["suites"].items():
         if sc["categories"]:
             _check_categories(path, f"eval.suites.{suite}.categories", path.parent / sc["categories"])

@@ -50,7 +50,8 @@ def paired(db: Path, recipe: str) -> list[dict]:
     with file_lock(Path(db)):
         con = duckdb.connect(str(db), read_only=True)
         try:
-            cur = con.execute("SELECT * FROM paired WHERE recipe = ? ORDER BY suite, metric, filter, level DESC, "
+            cur = con.execute("SELECT * FROM paired WHERE recipe = ? ORDER BY model_a = 'base' DESC, model_b, suite, metric, "
+                              "filter, level DESC, "
                               "name, average", [recipe])
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
@@ -74,12 +75,12 @@ def render_paired(rows: list[dict], out_dir: Path) -> str:
     lines = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["suite"], r["metric"], r["filter"]), []).append(r)
-    for (suite, metric, filt), rs in groups.items():
+        groups.setdefault((r["model_a"], r["model_b"], r["suite"], r["metric"], r["filter"]), []).append(r)
+    for (model_a, model_b, suite, metric, filt), rs in groups.items():
         subj = [r for r in rs if r["level"] == "subject"]
         overall = {r["average"]: r for r in rs if r["level"] == "overall"}
         cats = [r for r in rs if r["level"] == "category"]
-        title = f"{suite} · {metric}" + (f" ({filt})" if filt not in ("none", "") else "")
+        title = f"{model_a} → {model_b} · {suite} · {metric}" + (f" ({filt})" if filt not in ("none", "") else "")
         lines += [f"### {title}", ""]
         if subj and overall:
             best = max(subj, key=lambda r: r["delta"])
@@ -93,23 +94,25 @@ def render_paired(rows: list[dict], out_dir: Path) -> str:
                       f"{sum(r['delta'] > 0 for r in subj)}/{len(subj)} |",
                       f"| macro (subjects) | {ma['a']:.4f} | {ma['b']:.4f} | {ma['delta']:+.4f} | "
                       f"[{ma['ci_low']:+.4f}, {ma['ci_high']:+.4f}] {_sig(ma)} | | | |", ""]
-        lines += ["| subject | n | base | tuned | delta | 95% CI | p | p (Holm) | |",
+        lines += [f"| subject | n | {model_a} | {model_b} | delta | 95% CI | p | p (Holm) | |",
                   "|---|---:|---:|---:|---:|---|---:|---:|---|"]
         for r in subj:
             lines.append(f"| {r['name']} | {r['n']} | {r['a']:.4f} | {r['b']:.4f} | {r['delta']:+.4f} | "
                          f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {_p(r['p_value'])} | {_p(r['p_holm'])} | "
                          f"{_sig(r)} |")
         if cats or overall:
-            lines += ["", "| category | average | subjects | n | base | tuned | delta | 95% CI | p | |",
+            lines += ["", f"| category | average | subjects | n | {model_a} | {model_b} | delta | 95% CI | p | |",
                       "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
             for r in cats + [overall[k] for k in ("micro", "macro") if k in overall]:
                 lines.append(f"| {r['name']} | {r['average']} | {r['subjects']} | {r['n']} | {r['a']:.4f} | "
                              f"{r['b']:.4f} | {r['delta']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
                              f"{_p(r['p_value'])} ({r['test']}) | {_sig(r)} |")
         if subj:
-            png = f"subjects-{suite}-{metric}.png".replace("/", "_")
-            bar_chart(out_dir / png, [r["name"] for r in subj], {"tuned − base": [r["delta"] for r in subj]},
-                      errors={"tuned − base": [(r["ci_low"], r["ci_high"]) for r in subj]},
+            pair = "" if (model_a, model_b) == ("base", "tuned") else f"{model_a}-vs-{model_b}-"
+            png = f"subjects-{pair}{suite}-{metric}.png".replace("/", "_")
+            label = f"{model_b} − {model_a}"
+            bar_chart(out_dir / png, [r["name"] for r in subj], {label: [r["delta"] for r in subj]},
+                      errors={label: [(r["ci_low"], r["ci_high"]) for r in subj]},
                       title=f"{title}: improvement per subject (95% paired bootstrap CI)", ylabel="delta")
             lines += ["", f"![per-subject improvement]({png})"]
         lines.append("")

@@ -123,33 +123,35 @@ def read_categories(path: str | None, subjects: list[str]) -> dict[str, list[str
 
 
 def paired_rows(recipe: str, entries: list[dict], items: list[tuple]) -> list[dict]:
-    """base vs tuned on the same documents, per suite, metric and filter."""
+    """base vs tuned, and tuned vs each extra model, on the same documents, per suite, metric and filter."""
     from pipeline.stats import paired_summary
 
     by_role_suite = {(e["role"], e["suite"]): e for e in entries}
     values: dict[tuple, dict[str, float]] = {}
     for _, role, suite, task, metric, filt, doc, _, v in items:
         values.setdefault((role, suite, task, metric, filt), {})[doc] = v
+    extras = sorted({e["role"] for e in entries} - {"base", "tuned"})
     out = []
-    for suite in sorted({e["suite"] for e in entries}):
-        base, tuned = by_role_suite.get(("base", suite)), by_role_suite.get(("tuned", suite))
+    for suite, (role_a, role_b) in [(s, p) for s in sorted({e["suite"] for e in entries})
+                                    for p in [("base", "tuned")] + [("tuned", x) for x in extras]]:
+        base, tuned = by_role_suite.get((role_a, suite)), by_role_suite.get((role_b, suite))
         if not base or not tuned:
             continue
-        keys = sorted({k[2:] for k in values if k[1] == suite and k[0] == "base"} &
-                      {k[2:] for k in values if k[1] == suite and k[0] == "tuned"})
+        keys = sorted({k[2:] for k in values if k[1] == suite and k[0] == role_a} &
+                      {k[2:] for k in values if k[1] == suite and k[0] == role_b})
         if not keys:
             continue
-        check_comparable(suite, eval_config_of(base), eval_config_of(tuned))
+        check_comparable(suite, eval_config_of(base), eval_config_of(tuned), role_a, role_b)
         for metric, filt in sorted({(m, f) for _, m, f in keys}):
             subjects = {}
             for task in sorted({t for t, m, f in keys if (m, f) == (metric, filt)}):
-                a, b = values[("base", suite, task, metric, filt)], values[("tuned", suite, task, metric, filt)]
+                a, b = values[(role_a, suite, task, metric, filt)], values[(role_b, suite, task, metric, filt)]
                 docs = sorted(set(a) & set(b))
                 subjects[task] = ([a[d] for d in docs], [b[d] for d in docs])
             categories = read_categories(tuned.get("categories"), sorted(subjects))
             for r in paired_summary(subjects, categories):
-                out.append({"recipe": recipe, "suite": suite, "metric": metric, "filter": filt, "model_a": "base",
-                            "model_b": "tuned", **r.__dict__,
+                out.append({"recipe": recipe, "suite": suite, "metric": metric, "filter": filt, "model_a": role_a,
+                            "model_b": role_b, **r.__dict__,
                             "ci_excludes_zero": bool(r.ci_low > 0 or r.ci_high < 0)})
     return out
 

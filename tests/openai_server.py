@@ -53,9 +53,10 @@ def answer(prompt: str) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, fail_first: int = 0, latency: float = 0.0):
+    def __init__(self, fail_first: int = 0, latency: float = 0.0, answer_fn=None):
         self.requests: list[dict] = []
         self.latency = latency
+        self.answer = answer_fn or answer  # prompt -> completion text
         self.fail_first = fail_first
         self.failed = 0
         server = self
@@ -76,13 +77,13 @@ class FakeOpenAI:
                     time.sleep(server.latency)
                 if self.path.endswith("/chat/completions"):
                     prompt = body["messages"][-1]["content"]
-                    text = answer(prompt)
+                    text = server.answer(prompt)
                     choice = {"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": text}}
                     obj = "chat.completion"
                 elif self.path.endswith("/completions"):
                     prompt = body["prompt"]
-                    text = answer(prompt)
+                    text = server.answer(prompt)
                     choice = {"index": 0, "finish_reason": "stop", "text": text, "logprobs": None}
                     obj = "text_completion"
                 else:

@@ -216,12 +216,25 @@ def test_why_names_changed_keys_transitively_and_runs_nothing(project):
 
 
 def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
-    (project / "recipes/t2.toml").write_text('extends = "t.toml"\n[eval.suites.tb_basic]\nlimit = 2\n')
+    # t2 = t with another eval limit, and two extra models to compare with: t's tuned model and the base model
+    (project / "recipes/t2.toml").write_text('extends = "t.toml"\n[eval.suites.tb_basic]\nlimit = 2\n'
+                                             '[eval.models.t_tuned]\nmodel = "recipe:t"\n'
+                                             '[eval.models.tiny]\nmodel = "builtin:tiny"\n')
     executed, out, _ = doit(project, "build:t2")
     for stage in ("generate", "filter", "sft", "merge", "evaluate"):
         label = f"{stage}:t2" if stage != "evaluate" else "evaluate:t2.tuned.heldout"
         assert f"{label}: restored from the run cache" in out, out
     assert "evaluate:t2.tuned.tb_basic: restored" not in out  # its own setting differs: computed
+    # an extra model is evaluated once per (model content, suite config), whichever recipe asked first
+    assert "evaluate:t2.t_tuned.subjects: restored from the run cache" in out, out
+    assert "evaluate:t2.tiny.subjects: restored from the run cache" in out, out
+    con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
+    pairs = con.execute("SELECT model_a, model_b, max(abs(delta)) FROM paired WHERE recipe = 't2' AND "
+                        "suite = 'subjects' GROUP BY ALL").fetchall()
+    assert {(a, b) for a, b, _ in pairs} == {("base", "tuned"), ("tuned", "t_tuned"), ("tuned", "tiny")}
+    assert dict(((a, b), d) for a, b, d in pairs)[("tuned", "t_tuned")] == 0.0  # the same weights
+    con.close()
+    assert "tuned → t_tuned" in (project / "artifacts/t2/report/comparison.md").read_text()
 
 
 def test_parallel_build_of_two_recipes_is_safe(project):

@@ -1,0 +1,53 @@
+"""Stage `answers`: one model's answers to the judge's instruction set (greedy decoding, the model's own chat
+template when it has one), as `answers.jsonl` (id, prompt, answer). Deterministic, so the run cache shares the
+answers of one model across recipes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+
+
+def read_instructions(path: Path) -> list[dict]:
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise TunebuildError(f"{path}:{n}: not valid JSON: {e}") from None
+        if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise TunebuildError(f"{path}:{n}: key 'instruction' missing or empty")
+        prompt = row["instruction"].strip() + ("\n\n" + row["input"] if row.get("input") else "")
+        out.append({"id": str(row.get("id", n)), "prompt": prompt})
+    if not out:
+        raise TunebuildError(f"{path}: no instructions")
+    return out
+
+
+def run(out_dir: Path, *, model: str, instructions: Path, config: dict) -> dict:
+    import torch
+
+    from pipeline.hf import load_causal_lm
+
+    rows = read_instructions(instructions)[: config["judge_max_items"] or None]
+    lm, tok = load_causal_lm(str(model))
+    lm.eval()
+    with open(out_dir / "answers.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            if tok.chat_template:
+                text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                               add_generation_prompt=True)
+            else:
+                text = row["prompt"] + "\n"
+            ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(lm.device)
+            with torch.no_grad():
+                out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=config["answer_max_tokens"],
+                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "answer": answer},
+                               ensure_ascii=False) + "\n")
+    return {"answers": len(rows)}

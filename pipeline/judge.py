@@ -1,0 +1,138 @@
+"""Stage `judge`: an LLM judge compares a candidate model's answers with a reference model's, or grades them.
+
+Pairwise (default): for every instruction the judge sees the two answers in both orders (reference first, then
+candidate first). Verdicts are parsed MT-Bench style (`[[A]]`, `[[B]]`, `[[C]]` for a tie). Two orders that
+disagree count as a tie and as a position-biased pair. Reported: win, tie and loss rates of the candidate, the
+position-bias rate, and a length-controlled win rate: a logistic model of the outcome on the (tanh-scaled) answer
+length difference, fitted on the instruction set at hand, evaluated at equal lengths (no downloaded difficulty
+table, unlike alpaca_eval's, which only works on its 805 instructions).
+
+Single (`mode = "single"`): each answer of both models is graded 1–10 (`Rating: [[x]]`), and the mean grades
+are reported.
+
+Every judge call goes through the LLM client and its ledger, keyed by (judge model, rendered prompt, sampling),
+and the rendered prompt holds the two answers in their order: editing the judge prompt re-judges, nothing else.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import TunebuildError
+
+VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+SAMPLING = {"max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "stop": []}
+
+
+def read_answers(folder: Path) -> dict[str, dict]:
+    rows = [json.loads(x) for x in (Path(folder) / "answers.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    return {r["id"]: r for r in rows}
+
+
+def read_prompt(path: Path, placeholders: tuple[str, ...]) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    for ph in placeholders:
+        if "{" + ph + "}" not in text:
+            raise TunebuildError(f"{path}: judge prompt lacks the placeholder {{{ph}}}")
+    return text
+
+
+def render(template: str, **values) -> str:
+    for k, v in values.items():
+        template = template.replace("{" + k + "}", str(v))
+    return template
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A', 'B', 'C' (tie), or None when the judge gave no verdict. The last verdict in the text counts."""
+    found = VERDICT.findall(text)
+    return found[-1] if found else None
+
+
+def outcome(first: str | None, second: str | None) -> tuple[float, bool]:
+    """The candidate's outcome from both orders: (1 win / 0.5 tie / 0 loss, position-biased?).
+
+    Order 1 shows the reference as A and the candidate as B; order 2 the candidate as A."""
+    one = {"A": 0.0, "B": 1.0, "C": 0.5}.get(first or "")
+    two = {"A": 1.0, "B": 0.0, "C": 0.5}.get(second or "")
+    if one is None or two is None:
+        return 0.5, False
+    if one == two:
+        return one, False
+    return 0.5, True
+
+
+def length_controlled(y: np.ndarray, len_candidate: np.ndarray, len_reference: np.ndarray) -> float:
+    """Win rate at equal answer lengths: logistic regression of the outcome (1/0.5/0, as fractional
+    responses) on tanh(length difference / its standard deviation), fitted by Newton's method; the intercept's
+    probability."""
+    d = (len_candidate - len_reference).astype(float)
+    scale = d.std() or 1.0
+    x = np.column_stack([np.ones_like(d), np.tanh(d / scale)])
+    beta = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(x @ beta)))
+        w = p * (1 - p) + 1e-9
+        step = np.linalg.solve(x.T @ (x * w[:, None]) + 1e-6 * np.eye(2), x.T @ (y - p))
+        beta += step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-beta[0])))
+
+
+def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, client,
+        candidate_name: str = "tuned", reference_name: str = "base") -> dict:
+    cand, ref = read_answers(candidate), read_answers(reference)
+    ids = [i for i in cand if i in ref]
+    if not ids:
+        raise TunebuildError(f"no instruction answered by both {candidate_name} and {reference_name}")
+    if config["mode"] == "single":
+        template = read_prompt(prompt, ("instruction", "answer"))
+        prompts = [render(template, instruction=cand[i]["prompt"], answer=a[i]["answer"])
+                   for a in (ref, cand) for i in ids]
+        texts = client.complete_many(prompts, SAMPLING)
+        grades = [float(m[-1]) if (m := RATING.findall(t)) else None for t in texts]
+        ref_g, cand_g = grades[: len(ids)], grades[len(ids):]
+        with open(out_dir / "verdicts.jsonl", "w", encoding="utf-8") as f:
+            for i, g_ref, g_cand, t_ref, t_cand in zip(ids, ref_g, cand_g, texts[: len(ids)], texts[len(ids):]):
+                f.write(json.dumps({"id": i, "reference_grade": g_ref, "candidate_grade": g_cand,
+                                    "reference_judgment": t_ref, "candidate_judgment": t_cand},
+                                   ensure_ascii=False) + "\n")
+
+        def mean(xs):
+            xs = [x for x in xs if x is not None]
+            return float(np.mean(xs)) if xs else None
+        metrics = {"grade": mean(cand_g), "reference_grade": mean(ref_g),
+                   "ungraded_rate": float(np.mean([g is None for g in ref_g + cand_g]))}
+    else:
+        template = read_prompt(prompt, ("instruction", "answer_a", "answer_b"))
+        first = [render(template, instruction=cand[i]["prompt"], answer_a=ref[i]["answer"],
+                        answer_b=cand[i]["answer"]) for i in ids]
+        second = [render(template, instruction=cand[i]["prompt"], answer_a=cand[i]["answer"],
+                         answer_b=ref[i]["answer"]) for i in ids]
+        texts = client.complete_many(first + second, SAMPLING)
+        v1 = [parse_verdict(t) for t in texts[: len(ids)]]
+        v2 = [parse_verdict(t) for t in texts[len(ids):]]
+        results = [outcome(a, b) for a, b in zip(v1, v2)]
+        y = np.array([r[0] for r in results])
+        lens_c = np.array([len(cand[i]["answer"].split()) for i in ids])
+        lens_r = np.array([len(ref[i]["answer"].split()) for i in ids])
+        with open(out_dir / "verdicts.jsonl", "w", encoding="utf-8") as f:
+            for i, a, b, (o, biased) in zip(ids, v1, v2, results):
+                f.write(json.dumps({"id": i, "reference_first": a, "candidate_first": b, "outcome": o,
+                                    "position_biased": biased}, ensure_ascii=False) + "\n")
+        metrics = {"win_rate": float(np.mean(y == 1.0)), "tie_rate": float(np.mean(y == 0.5)),
+                   "loss_rate": float(np.mean(y == 0.0)),
+                   "position_bias_rate": float(np.mean([r[1] for r in results])),
+                   "no_verdict_rate": float(np.mean([a is None or b is None for a, b in zip(v1, v2)])),
+                   "score": float(y.mean()), "lc_win_rate": length_controlled(y, lens_c, lens_r)}
+    result = {"mode": config["mode"], "candidate": candidate_name, "reference": reference_name, "n": len(ids),
+              "judge": client.model_id, "metrics": metrics, "usage": client.usage.as_dict()}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(f"judge: {candidate_name} vs {reference_name} on {len(ids)} instructions: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
+    return result
