@@ -45,6 +45,16 @@ def task_evaluate():
     yield from PROJECT.stage_tasks("evaluate")
 
 
+def task_answers():
+    """A model's answers to the LLM judge's instruction set."""
+    yield from PROJECT.stage_tasks("answers")
+
+
+def task_judge():
+    """LLM-as-judge: tuned vs base answers, both orders (or single-answer grading)."""
+    yield from PROJECT.stage_tasks("judge")
+
+
 def task_scores():
     """Load a recipe's evaluation results into artifacts/scores.duckdb."""
     yield from PROJECT.stage_tasks("scores")

@@ -250,6 +250,40 @@ class Project:
                              inputs=inputs, params=params,
                              doc=f"{e['suite']} on the {e['role']} model of {r.name}")
 
+    def _answers(self, r: Recipe):
+        j = r.section("eval")["judge"]
+        if not j["enabled"]:
+            return
+        models = self.models(r)
+        for role in ("base", "tuned"):
+            inputs, params = models[role].as_arg("model")
+            inputs["instructions"] = self.rel(j["instructions"])
+            yield self._task(r, "answers", f"{r.name}.{role}", self._out(r, "answers") / role,
+                             file_dep=[*models[role].file_dep, self.rel(j["instructions"])],
+                             config={k: j[k] for k in ("answer_max_tokens", "judge_max_items")},
+                             inputs=inputs, params=params,
+                             doc=f"the {role} model's answers to the judge's instructions for {r.name}")
+
+    def _judge(self, r: Recipe):
+        j = r.section("eval")["judge"]
+        if not j["enabled"]:
+            return
+        answers = self._out(r, "answers")
+        inputs = {"candidate": str(answers / "tuned"), "reference": str(answers / "base"),
+                  "prompt": self.rel(j["prompt"])}
+        params, deps = {}, [str(answers / "tuned" / MANIFEST), str(answers / "base" / MANIFEST),
+                            self.rel(j["prompt"])]
+        if j["backend"] == "local":
+            src = model_source(j["model"])
+            i, p = src.as_arg("generator")
+            inputs.update(i)
+            params.update(p)
+            deps += src.file_dep
+        config = {k: v for k, v in j.items() if k not in ("answer_max_tokens", "judge_max_items")}
+        yield self._task(r, "judge", r.name, self._out(r, "judge"), file_dep=deps, config=config,
+                         inputs=inputs, params=params, unkeyed={"ledger": str(LEDGER)},
+                         doc=f"{j['mode']} LLM judging of tuned vs base answers for {r.name}")
+
     def _scores(self, r: Recipe):
         entries, deps = [], []
         for e in self.eval_entries(r):
@@ -262,8 +296,15 @@ class Project:
             deps.append(str(e["out"] / MANIFEST))
             if categories:
                 deps.append(self.rel(categories))
-        yield self._task(r, "scores", r.name, self._out(r, "scores"), file_dep=deps, config={"entries": entries},
-                         params={"recipe": r.name, "entries": entries}, unkeyed={"db": str(DB)}, cache=False,
+        judge = None
+        if r.config["eval"]["judge"]["enabled"]:
+            judge = {"result": str(self._out(r, "judge")), "model": str(self._out(r, "merge")),
+                     "model_ref": f"{r.name}/merge", "prompt": self.rel(r.config["eval"]["judge"]["prompt"])}
+            deps.append(str(self._out(r, "judge") / MANIFEST))
+        yield self._task(r, "scores", r.name, self._out(r, "scores"), file_dep=deps,
+                         config={"entries": entries, "judge": judge},
+                         params={"recipe": r.name, "entries": entries, "judge": judge}, unkeyed={"db": str(DB)},
+                         cache=False,
                          verbosity=1, extra_uptodate=[DB.exists], doc=f"load {r.name}'s results into {DB}")
 
     def _report(self, r: Recipe):
@@ -275,6 +316,8 @@ class Project:
     def recipe_stages(self, r: Recipe) -> list[str]:
         tasks = [f"{s}:{r.name}" for s in ("generate", "filter", "sft", "merge")]
         tasks += [f"evaluate:{e['name']}" for e in self.eval_entries(r)]
+        if r.config["eval"]["judge"]["enabled"]:
+            tasks += [f"answers:{r.name}.base", f"answers:{r.name}.tuned", f"judge:{r.name}"]
         return tasks + [f"scores:{r.name}", f"report:{r.name}"]
 
     def build_tasks(self):
@@ -284,6 +327,6 @@ class Project:
 
     def eval_tasks(self):
         for r in self.recipes:
-            evals = [f"evaluate:{e['name']}" for e in self.eval_entries(r)]
+            evals = [t for t in self.recipe_stages(r) if t.split(":")[0] in ("evaluate", "answers", "judge")]
             yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores",
                    "actions": None, "task_dep": [*evals, f"scores:{r.name}", f"report:{r.name}"]}

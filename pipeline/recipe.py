@@ -110,6 +110,22 @@ SCHEMA: dict = {
         "device": Key(str, "auto"),
         "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
         "heldout_max_items": Key(int, 200),
+        "judge": {
+            "enabled": Key(bool, False, doc="LLM-as-judge: tuned vs base answers on an instruction set"),
+            "mode": Key(str, "pairwise", choices=("pairwise", "single")),
+            "instructions": Key(str, None, file=True, doc="JSONL: id, instruction, input (optional)"),
+            "prompt": Key(str, None, file=True, doc="judge prompt: {instruction}, {answer_a}, {answer_b} "
+                                                    "(pairwise) or {instruction}, {answer} (single)"),
+            "backend": Key(str, "openai", choices=("openai", "local")),
+            "model": Key(str, "gpt-4o-mini", doc="judge model: endpoint model name, or model reference (local)"),
+            "api": Key(str, "chat", choices=("completions", "chat")),
+            "base_url": Key(str, None),
+            "api_key_env": Key(str, "OPENAI_API_KEY"),
+            "concurrency": Key(int, 8),
+            "price_per_1k_tokens": Key(float, 0.0),
+            "answer_max_tokens": Key(int, 256, doc="answer length of the compared models"),
+            "judge_max_items": Key(int, 0, doc="0: every instruction"),
+        },
         "models": TableOf({
             "model": Key(str, doc="'builtin:tiny', a local model folder, a hub id, or 'recipe:<name>' (that "
                                   "recipe's tuned model)"),
@@ -288,6 +304,16 @@ def _check_semantics(path: Path, c: dict) -> None:
         raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
     if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:
         raise RecipeError(f"{path}: filter.rouge_threshold: expected a number in (0, 1]")
+    j = c["eval"]["judge"]
+    if j["enabled"]:
+        for key in ("instructions", "prompt"):
+            if not j[key]:
+                raise RecipeError(f"{path}: eval.judge.{key}: required when eval.judge.enabled = true")
+        if j["backend"] == "openai" and j["model"].startswith(BUILTIN_PREFIX):
+            raise RecipeError(f"{path}: eval.judge.model: {j['model']!r} is a built-in model; set "
+                              f"eval.judge.backend = 'local'")
+        if j["concurrency"] < 1:
+            raise RecipeError(f"{path}: eval.judge.concurrency: expected a positive integer")
     for name, mc in c["eval"]["models"].items():
         where = f"{path}: eval.models.{name}"
         if name in ("base", "tuned") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -300,7 +326,7 @@ def _check_semantics(path: Path, c: dict) -> None:
     for suite, sc in c["eval"]["suites"].items():
         if sc["categories"]:
             _check_categories(path, f"eval.suites.{suite}.categories", path.parent / sc["categories"])
-    if not c["eval"]["suites"] and not c["eval"]["heldout"]:
+    if not c["eval"]["suites"] and not c["eval"]["heldout"] and not j["enabled"]:
         raise RecipeError(f"{path}: eval.suites: no suite and eval.heldout = false: nothing would be evaluated")
 
 

@@ -119,8 +119,37 @@ def render_paired(rows: list[dict], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def render_judge(recipe: str, db: Path, out_dir: Path) -> str:
+    import duckdb
+
+    from pipeline.plots import bar_chart
+
+    with file_lock(db):
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            rows = con.execute("SELECT task, metric, value, n FROM scores WHERE recipe = ? AND suite = 'judge' "
+                               "ORDER BY metric", [recipe]).fetchall()
+        finally:
+            con.close()
+    if not rows:
+        return ""
+    mode, n = rows[0][0], rows[0][3]
+    values = {m: v for _, m, v, _ in rows}
+    lines = ["", f"## LLM judge ({mode}, {n} instructions): tuned vs base", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {m} | {v:.4f} |" for m, v in values.items() if v is not None]
+    if mode == "pairwise":
+        bar_chart(out_dir / "judge.png", ["tuned vs base"],
+                  {"win": [values["win_rate"]], "tie": [values["tie_rate"]], "loss": [values["loss_rate"]]},
+                  title="LLM judge, both orders (inconsistent verdicts are ties)", ylabel="share",
+                  stacked=True, colors=["#31a354", "#bdbdbd", "#de2d26"])
+        lines += ["", "![win / tie / loss](judge.png)"]
+    return "\n".join(lines) + "\n"
+
+
 def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, config: dict | None = None) -> dict:
     text = render(recipe, table(Path(db), recipe))
+    judged = [r for r in table(Path(db), recipe) if r[0] == "judge"]
+    text += render_judge(recipe, Path(db), out_dir)
     pair = paired(Path(db), recipe)
     if pair:
         text += "\n## Paired comparisons (same documents)\n\n" + render_paired(pair, out_dir)

@@ -16,16 +16,24 @@ from pipeline.store import build_cached, cache_key, input_digest
 
 CACHE = Path("artifacts") / ".cache"
 MODULES = {"model": "tiny", "generate": "generate", "filter": "filter", "sft": "sft", "merge": "merge",
-           "evaluate": "evaluate", "heldout": "heldout", "scores": "scores", "report": "report"}
+           "evaluate": "evaluate", "heldout": "heldout", "scores": "scores", "report": "report",
+           "answers": "answers", "judge": "judge"}
 # Bump a stage's version when its code changes what it writes: its run-cache entries then no longer match.
 VERSIONS = {"model": 1, "generate": 1, "filter": 2, "sft": 1, "merge": 1, "evaluate": 1, "heldout": 1,
-            "scores": 1, "report": 1}
+            "scores": 1, "report": 1, "answers": 1, "judge": 1}
 
 
 def _entry(stage: str):
     module = importlib.import_module(f"pipeline.{MODULES[stage]}")
     if stage == "model":
         return lambda out_dir, config: module.build(out_dir, config)
+    if stage == "judge":
+        def judge(out_dir, *, ledger, recipe, generator=None, config, **kwargs):
+            from pipeline.llm import make_client
+
+            client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
+            return module.run(out_dir, config=config, client=client, **kwargs)
+        return judge
     if stage == "generate":
         def generate(out_dir, *, ledger, recipe, generator=None, config, **files):
             from pipeline.llm import make_client
@@ -43,7 +51,7 @@ def run_stage(*, stage: str, label: str, out: str, inputs: dict, params: dict, u
                         {**{k: input_digest(Path(v)) for k, v in inputs.items()}, **params})
         entry = _entry(stage)
         kwargs = {**{k: Path(v) for k, v in inputs.items()}, **params, **unkeyed}
-        if stage == "generate":
+        if stage in ("generate", "judge"):
             kwargs["recipe"] = label.split(":", 1)[1]
 
         def compute(tmp: Path):

@@ -156,10 +156,29 @@ def paired_rows(recipe: str, entries: list[dict], items: list[tuple]) -> list[di
     return out
 
 
-def run(out_dir: Path, *, recipe: str, entries: list[dict], db: Path, config: dict | None = None) -> dict:
+HIGHER = {"win_rate": True, "lc_win_rate": True, "score": True, "grade": True, "reference_grade": True,
+          "loss_rate": False, "position_bias_rate": False, "no_verdict_rate": False, "ungraded_rate": False}
+
+
+def judge_rows(recipe: str, judge: dict | None) -> list[dict]:
+    """The LLM judge's rates as score rows of the tuned model (suite 'judge', task = the mode)."""
+    if not judge:
+        return []
+    result = json.loads((Path(judge["result"]) / "results.json").read_text())
+    digest = digest_json({"mode": result["mode"], "judge": result["judge"],
+                          "prompt": input_digest(Path(judge["prompt"]))})
+    return [{"recipe": recipe, "model": "tuned", "model_ref": judge["model_ref"], "suite": "judge",
+             "task": result["mode"], "subject": "", "metric": k, "filter": "none", "value": v, "stderr": None,
+             "n": result["n"], "higher_is_better": HIGHER.get(k), "model_digest": input_digest(Path(judge["model"])),
+             "dataset_digest": None, "eval_config_digest": digest, "packages": json.dumps({"judge": result["judge"]})}
+            for k, v in sorted(result["metrics"].items())]
+
+
+def run(out_dir: Path, *, recipe: str, entries: list[dict], db: Path, judge: dict | None = None,
+        config: dict | None = None) -> dict:
     import duckdb
 
-    rows = [r for e in entries for r in rows_for(recipe, e)]
+    rows = [r for e in entries for r in rows_for(recipe, e)] + judge_rows(recipe, judge)
     items = [i for e in entries for i in items_for(recipe, e)]
     paired = paired_rows(recipe, entries, items)
     with open(out_dir / "paired.jsonl", "w", encoding="utf-8") as f:

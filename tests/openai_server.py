@@ -21,6 +21,10 @@ TOPIC = ["a rainy morning", "a lost key", "the ocean", "a first job", "city gard
 
 def answer(prompt: str) -> str:
     rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
+    if prompt.startswith("Please act as an impartial judge"):
+        if "Rating:" in prompt:
+            return f"Fine. Rating: [[{rng.randint(1, 10)}]]"
+        return f"Both are short. [[{rng.choice('ABC')}]]"
     if prompt.rstrip().endswith("Is it classification?"):
         task = prompt.rstrip().rsplit("Task:", 1)[-1]
         return " Yes" if "Classify" in task else " No"

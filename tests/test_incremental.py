@@ -5,6 +5,7 @@ The test recipe `t` is mini_lima on the built-in tiny model with the generator s
 OpenAI-compatible server, sized to build in about a minute.
 """
 import json
+import re
 import shutil
 import os
 import signal
@@ -39,6 +40,15 @@ batch_size = 8
 heldout_max_items = 8
 [eval.suites.tb_basic]
 limit = 4
+"""
+JUDGE = """[eval.judge]
+enabled = true
+instructions = "evals/judge_instructions.jsonl"
+prompt = "prompts/judge_pairwise.txt"
+base_url = "{url}"
+api_key_env = "TB_TEST_KEY"
+judge_max_items = 4
+answer_max_tokens = 12
 """
 ENV = {"TB_TEST_KEY": "test", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""}
 STAGES_T = {"generate:t", "filter:t", "sft:t", "merge:t", "evaluate:t.base.tb_basic", "evaluate:t.base.heldout",
@@ -217,9 +227,10 @@ def test_why_names_changed_keys_transitively_and_runs_nothing(project):
 
 def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
     # t2 = t with another eval limit, and two extra models to compare with: t's tuned model and the base model
+    url = re.search(r'base_url = "(.*?)"', (project / "recipes/t.toml").read_text()).group(1)
     (project / "recipes/t2.toml").write_text('extends = "t.toml"\n[eval.suites.tb_basic]\nlimit = 2\n'
                                              '[eval.models.t_tuned]\nmodel = "recipe:t"\n'
-                                             '[eval.models.tiny]\nmodel = "builtin:tiny"\n')
+                                             '[eval.models.tiny]\nmodel = "builtin:tiny"\n' + JUDGE.format(url=url))
     executed, out, _ = doit(project, "build:t2")
     for stage in ("generate", "filter", "sft", "merge", "evaluate"):
         label = f"{stage}:t2" if stage != "evaluate" else "evaluate:t2.tuned.heldout"
@@ -234,7 +245,16 @@ def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
     assert {(a, b) for a, b, _ in pairs} == {("base", "tuned"), ("tuned", "t_tuned"), ("tuned", "tiny")}
     assert dict(((a, b), d) for a, b, d in pairs)[("tuned", "t_tuned")] == 0.0  # the same weights
     con.close()
-    assert "tuned → t_tuned" in (project / "artifacts/t2/report/comparison.md").read_text()
+    report = (project / "artifacts/t2/report/comparison.md").read_text()
+    assert "tuned → t_tuned" in report
+    # the LLM judge: answers of both models, verdicts in both orders, rates in the scores and the report
+    assert {"answers:t2.base", "answers:t2.tuned", "judge:t2"} <= executed, out
+    con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
+    judged = dict(con.execute("SELECT metric, value FROM scores WHERE recipe = 't2' AND suite = 'judge'").fetchall())
+    con.close()
+    assert judged["win_rate"] + judged["tie_rate"] + judged["loss_rate"] == pytest.approx(1.0)
+    assert 0 <= judged["lc_win_rate"] <= 1 and "position_bias_rate" in judged
+    assert "## LLM judge (pairwise, 4 instructions)" in report and (project / "artifacts/t2/report/judge.png").exists()
 
 
 def test_parallel_build_of_two_recipes_is_safe(project):
