@@ -5,7 +5,6 @@ A recipe is `recipes/<name>.toml`. It may `extends = "other.toml"` and override 
 """
 from __future__ import annotations
 
-import copy
 import re
 import tomllib
 from dataclasses import dataclass
@@ -16,6 +15,15 @@ from pipeline.errors import TunebuildError
 REQUIRED = object()
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny",)
+
+
+def _copy(obj):
+    """A deep copy of TOML data (dicts, lists, scalars): several times faster than copy.deepcopy."""
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy(v) for v in obj]
+    return obj
 
 
 class RecipeError(TunebuildError):
@@ -154,7 +162,7 @@ class Recipe:
     config: dict               # validated, defaults filled; file keys stay relative to the recipes folder
 
     def section(self, name: str) -> dict:
-        return copy.deepcopy(self.config[name])
+        return _copy(self.config[name])
 
 
 def _type_name(t) -> str:
@@ -209,17 +217,17 @@ def _validate(table: dict, schema: dict, prefix: str, file: Path, recipes_dir: P
         elif spec.default is REQUIRED:
             raise RecipeError(f"{where}: required key is missing ({spec.doc or _type_name(spec.type)})")
         else:
-            out[k] = copy.deepcopy(spec.default)
+            out[k] = _copy(spec.default)
     return out
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
-    merged = copy.deepcopy(base)
+    merged = _copy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
             merged[k] = _deep_merge(merged[k], v)
         else:
-            merged[k] = copy.deepcopy(v)
+            merged[k] = _copy(v)
     return merged
 
 
@@ -232,7 +240,7 @@ def _read_toml(path: Path) -> dict:
         data = Path(path).read_bytes()
         if data not in _TOML:
             _TOML[data] = tomllib.loads(data.decode("utf-8"))
-        return copy.deepcopy(_TOML[data])
+        return _copy(_TOML[data])
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
