@@ -309,7 +309,7 @@ class Project:
 
     def _report(self, r: Recipe):
         scores = self._out(r, "scores")
-        yield self._task(r, "report", r.name, self._out(r, "report"), file_dep=[str(scores / MANIFEST)],
+        yield self._task(r, "report", r.name, ARTIFACTS / "report" / r.name, file_dep=[str(scores / MANIFEST)],
                          config={}, inputs={"scores": str(scores)}, params={"recipe": r.name},
                          unkeyed={"db": str(DB)}, cache=False, doc=f"base vs tuned table for {r.name}")
 

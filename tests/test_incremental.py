@@ -80,7 +80,7 @@ def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     assert "generate:mini_lima: environment variable OPENAI_API_KEY is not set" in out
     assert "evaluate:mini_lima.base.tb_basic: model 'Qwen/Qwen1.5-0.5B' is not a local folder" in out
     assert STAGES_T <= executed  # ... and the other recipe still completes
-    assert (project / "artifacts/t/report/comparison.md").exists()
+    assert (project / "artifacts/report/t/comparison.md").exists()
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     rows = con.execute("SELECT model, suite, task, metric, value, n, model_digest, dataset_digest, "
                        "eval_config_digest, packages FROM scores WHERE recipe = 't'").fetchall()
@@ -104,10 +104,10 @@ def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     n_items = con.execute("SELECT count(*) FROM items WHERE recipe = 't' AND suite = 'subjects' AND model = 'base' "
                           "AND metric = 'acc'").fetchone()[0]
     assert n_items == 36
-    report = (project / "artifacts/t/report/comparison.md").read_text()
+    report = (project / "artifacts/report/t/comparison.md").read_text()
     assert "average before" in report and "| micro (documents) |" in report and "| macro (subjects) |" in report
     from PIL import Image
-    with Image.open(project / "artifacts/t/report/subjects-subjects-acc.png") as img:
+    with Image.open(project / "artifacts/report/t/subjects-subjects-acc.png") as img:
         img.verify()
     gen = json.loads((project / "artifacts/t/generate/report.json").read_text())
     assert gen["machine_instructions"] == 8 and gen["usage"]["requests"] > 0
@@ -218,10 +218,10 @@ def test_why_names_changed_keys_transitively_and_runs_nothing(project):
     # a changed recipe file and a missing output are named too
     eval_yaml = project / "recipes/evals/tb_basic/tb_arithmetic_gen.yaml"
     eval_yaml.write_text(eval_yaml.read_text() + "\n")
-    (project / "artifacts/t/report/manifest.json").unlink()
+    (project / "artifacts/report/t/manifest.json").unlink()
     _, _, out, _ = run_doit(project, "why", "build:t", env=ENV)
     assert "file changed: recipes/evals/tb_basic/tb_arithmetic_gen.yaml" in out, out
-    assert "missing output artifacts/t/report/manifest.json" in out, out
+    assert "missing output artifacts/report/t/manifest.json" in out, out
     doit(project, "build:t")
 
 
@@ -245,7 +245,7 @@ def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
     assert {(a, b) for a, b, _ in pairs} == {("base", "tuned"), ("tuned", "t_tuned"), ("tuned", "tiny")}
     assert dict(((a, b), d) for a, b, d in pairs)[("tuned", "t_tuned")] == 0.0  # the same weights
     con.close()
-    report = (project / "artifacts/t2/report/comparison.md").read_text()
+    report = (project / "artifacts/report/t2/comparison.md").read_text()
     assert "tuned → t_tuned" in report
     # the LLM judge: answers of both models, verdicts in both orders, rates in the scores and the report
     assert {"answers:t2.base", "answers:t2.tuned", "judge:t2"} <= executed, out
@@ -254,7 +254,7 @@ def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
     con.close()
     assert judged["win_rate"] + judged["tie_rate"] + judged["loss_rate"] == pytest.approx(1.0)
     assert 0 <= judged["lc_win_rate"] <= 1 and "position_bias_rate" in judged
-    assert "## LLM judge (pairwise, 4 instructions)" in report and (project / "artifacts/t2/report/judge.png").exists()
+    assert "## LLM judge (pairwise, 4 instructions)" in report and (project / "artifacts/report/t2/judge.png").exists()
 
 
 def test_parallel_build_of_two_recipes_is_safe(project):

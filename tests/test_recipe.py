@@ -106,3 +106,15 @@ def test_bad_recipe_stops_dodo_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "typo.toml: unknown key 'sft.lerning_rate'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_shipped_mmlu_categories_cover_57_subjects_in_4_categories():
+    import json
+
+    from pipeline.recipe import _check_categories
+
+    path = ROOT / "recipes/evals/categories/mmlu.json"
+    _check_categories(path, "eval.suites.mmlu.categories", path)
+    mapping = json.loads(path.read_text())
+    assert len(mapping) == 57 and set(mapping.values()) == {"STEM", "Humanities", "Social Sciences", "Other"}
+    assert mapping["mmlu_abstract_algebra"] == "STEM" and mapping["mmlu_world_religions"] == "Humanities"
