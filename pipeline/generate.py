@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
+from pipeline.prompts import read_template, render
 
 
 def read_seeds(path: Path) -> list[dict]:
@@ -46,20 +47,6 @@ def read_seeds(path: Path) -> list[dict]:
     if not seeds:
         raise TunebuildError(f"{path}: no seed tasks")
     return seeds
-
-
-def read_template(path: Path, placeholders: tuple[str, ...]) -> str:
-    text = Path(path).read_text(encoding="utf-8")
-    for ph in placeholders:
-        if "{" + ph + "}" not in text:
-            raise TunebuildError(f"{path}: prompt template lacks the placeholder {{{ph}}}")
-    return text
-
-
-def render(template: str, **values) -> str:
-    for k, v in values.items():
-        template = template.replace("{" + k + "}", str(v))
-    return template
 
 
 def encode_instruction_prompt(template: str, instructions: list[str]) -> str:
@@ -143,32 +130,42 @@ def parse_alpaca(completion: str, next_index: int) -> list[dict]:
     return out
 
 
-def _alpaca_tasks(seed_tasks: list[dict], template: str, c: dict, client, known: set[str]):
-    """Alpaca-style rounds. Returns (machine tasks, requests, parsed, stop reason)."""
-    sampling = {"max_tokens": c["max_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
-                "stop": [f"\n{ALPACA_LIST}", f"{ALPACA_LIST}.", f"{ALPACA_LIST} ."]}
-    machine: list[dict] = []
+def _rounds(c: dict, client, known: set[str], sampling: dict, make_prompt, parse, label: str):
+    """Request rounds of `request_batch_size` until `num_instructions` new items were parsed or `max_requests`
+    were spent. `make_prompt(rng, pool)` builds one request from the items so far; `parse(completion)` yields
+    items, each with an "instruction"; exact duplicates (case-insensitive) of known instructions are skipped.
+    Returns (items, requests, parsed, stop reason)."""
+    items: list[dict] = []
     requests = parsed = round_no = 0
     stop_reason = "target reached"
-    while len(machine) < c["num_instructions"]:
+    while len(items) < c["num_instructions"]:
         if requests >= c["max_requests"]:
             stop_reason = "request budget spent"
             break
-        batch = []
-        for j in range(min(c["request_batch_size"], c["max_requests"] - requests)):
-            rng = random.Random(f"{c['seed']}-{round_no}-{j}")
-            batch.append(encode_alpaca_prompt(template, rng.sample(seed_tasks, c["num_prompt_instructions"])))
+        batch = [make_prompt(random.Random(f"{c['seed']}-{round_no}-{j}"), items)
+                 for j in range(min(c["request_batch_size"], c["max_requests"] - requests))]
         completions = client.complete_many(batch, sampling)
         requests += len(batch)
         round_no += 1
         for completion in completions:
-            for item in parse_alpaca(completion, c["num_prompt_instructions"] + 1):
+            for item in parse(completion):
                 parsed += 1
                 norm = item["instruction"].lower()
-                if norm not in known and len(machine) < c["num_instructions"]:
+                if norm not in known and len(items) < c["num_instructions"]:
                     known.add(norm)
-                    machine.append(item)
-        print(f"generate: {requests} requests, {len(machine)}/{c['num_instructions']} tasks", flush=True)
+                    items.append(item)
+        print(f"generate: {requests} requests, {len(items)}/{c['num_instructions']} {label}", flush=True)
+    return items, requests, parsed, stop_reason
+
+
+def _alpaca_tasks(seed_tasks: list[dict], template: str, c: dict, client, known: set[str]):
+    """Alpaca-style rounds. Returns (machine tasks, requests, parsed, stop reason)."""
+    sampling = {"max_tokens": c["max_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
+                "stop": [f"\n{ALPACA_LIST}", f"{ALPACA_LIST}.", f"{ALPACA_LIST} ."]}
+    machine, requests, parsed, stop_reason = _rounds(
+        c, client, known, sampling,
+        lambda rng, _pool: encode_alpaca_prompt(template, rng.sample(seed_tasks, c["num_prompt_instructions"])),
+        lambda completion: parse_alpaca(completion, c["num_prompt_instructions"] + 1), "tasks")
     tasks = [{"id": f"machine_task_{k}", "name": "", "instruction": m["instruction"],
               "instances": [{"input": m["input"], "output": m["output"]}], "is_classification": False,
               "source": "machine"} for k, m in enumerate(machine)]
@@ -194,35 +191,21 @@ def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, class
 
     human = [t["instruction"] for t in seed_tasks]
     known = {re.sub(r"\s+", " ", h).strip().lower() for h in human}
-    machine: list[str] = []
     last = c["num_prompt_instructions"] + 8  # as self-instruct: continue the list up to 7 new items
     sampling = {"max_tokens": c["max_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
                 "stop": ["\n\n", f"\n{last}", f"{last}.", f"{last} ."]}
-    requests = parsed = 0
-    stop_reason = "target reached"
-    round_no = 0
-    while len(machine) < c["num_instructions"]:
-        if requests >= c["max_requests"]:
-            stop_reason = "request budget spent"
-            break
-        batch = []
-        for j in range(min(c["request_batch_size"], c["max_requests"] - requests)):
-            rng = random.Random(f"{c['seed']}-{round_no}-{j}")
-            chosen = rng.sample(machine, min(c["num_machine_in_prompt"], len(machine)))
-            chosen += rng.sample(human, c["num_prompt_instructions"] - len(chosen))
-            rng.shuffle(chosen)
-            batch.append(encode_instruction_prompt(gen_template, chosen))
-        completions = client.complete_many(batch, sampling)
-        requests += len(batch)
-        round_no += 1
-        for completion in completions:
-            for inst in parse_instructions(completion, c["num_prompt_instructions"] + 1):
-                parsed += 1
-                norm = inst.lower()
-                if norm not in known and len(machine) < c["num_instructions"]:
-                    known.add(norm)
-                    machine.append(inst)
-        print(f"generate: {requests} requests, {len(machine)}/{c['num_instructions']} instructions", flush=True)
+
+    def make_prompt(rng, pool):
+        chosen = rng.sample([p["instruction"] for p in pool], min(c["num_machine_in_prompt"], len(pool)))
+        chosen += rng.sample(human, c["num_prompt_instructions"] - len(chosen))
+        rng.shuffle(chosen)
+        return encode_instruction_prompt(gen_template, chosen)
+
+    found, requests, parsed, stop_reason = _rounds(
+        c, client, known, sampling, make_prompt,
+        lambda completion: [{"instruction": i} for i in parse_instructions(completion, c["num_prompt_instructions"] + 1)],
+        "instructions")
+    machine = [f["instruction"] for f in found]
 
     short = {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "stop": ["\n"]}
     is_clf = [parse_yes_no(a) for a in

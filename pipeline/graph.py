@@ -96,6 +96,15 @@ def model_source(ref: str) -> ModelSource:
     return ModelSource(ref, None, ref)
 
 
+def _add_model(src: ModelSource, name: str, inputs: dict, params: dict, deps: list) -> None:
+    """Hand model `src` to a stage as argument `name`: an artifact folder is an input (and a file_dep through
+    its manifest), an external reference a plain parameter."""
+    i, p = src.as_arg(name)
+    inputs.update(i)
+    params.update(p)
+    deps += src.file_dep
+
+
 _FILES_UNDER: dict[tuple[Path, Path], list[str]] = {}
 
 
@@ -155,11 +164,7 @@ class Project:
         files = {k: self.rel(c[k]) for k in ("seeds", *prompts)}
         inputs, params, deps = dict(files), {}, list(files.values())
         if c["backend"] == "local":
-            src = model_source(c["model"])
-            i, p = src.as_arg("generator")
-            inputs.update(i)
-            params.update(p)
-            deps += src.file_dep
+            _add_model(model_source(c["model"]), "generator", inputs, params, deps)
         yield self._task(r, "generate", r.name, self._out(r, "generate"), file_dep=deps, config=c,
                          inputs=inputs, params=params, unkeyed={"ledger": str(LEDGER)},
                          doc=f"self-instruct generation for {r.name}")
@@ -274,11 +279,7 @@ class Project:
         params, deps = {}, [str(answers / "tuned" / MANIFEST), str(answers / "base" / MANIFEST),
                             self.rel(j["prompt"])]
         if j["backend"] == "local":
-            src = model_source(j["model"])
-            i, p = src.as_arg("generator")
-            inputs.update(i)
-            params.update(p)
-            deps += src.file_dep
+            _add_model(model_source(j["model"]), "generator", inputs, params, deps)
         config = {k: v for k, v in j.items() if k not in ("answer_max_tokens", "judge_max_items")}
         yield self._task(r, "judge", r.name, self._out(r, "judge"), file_dep=deps, config=config,
                          inputs=inputs, params=params, unkeyed={"ledger": str(LEDGER)},

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import TunebuildError
+from pipeline.prompts import read_template, render
 
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
@@ -31,20 +32,6 @@ SAMPLING = {"max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "stop": []}
 def read_answers(folder: Path) -> dict[str, dict]:
     rows = [json.loads(x) for x in (Path(folder) / "answers.jsonl").read_text(encoding="utf-8").splitlines() if x]
     return {r["id"]: r for r in rows}
-
-
-def read_prompt(path: Path, placeholders: tuple[str, ...]) -> str:
-    text = Path(path).read_text(encoding="utf-8")
-    for ph in placeholders:
-        if "{" + ph + "}" not in text:
-            raise TunebuildError(f"{path}: judge prompt lacks the placeholder {{{ph}}}")
-    return text
-
-
-def render(template: str, **values) -> str:
-    for k, v in values.items():
-        template = template.replace("{" + k + "}", str(v))
-    return template
 
 
 def parse_verdict(text: str) -> str | None:
@@ -91,7 +78,7 @@ def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config
     if not ids:
         raise TunebuildError(f"no instruction answered by both {candidate_name} and {reference_name}")
     if config["mode"] == "single":
-        template = read_prompt(prompt, ("instruction", "answer"))
+        template = read_template(prompt, ("instruction", "answer"), "judge prompt")
         prompts = [render(template, instruction=cand[i]["prompt"], answer=a[i]["answer"])
                    for a in (ref, cand) for i in ids]
         texts = client.complete_many(prompts, SAMPLING)
@@ -109,7 +96,7 @@ def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config
         metrics = {"grade": mean(cand_g), "reference_grade": mean(ref_g),
                    "ungraded_rate": float(np.mean([g is None for g in ref_g + cand_g]))}
     else:
-        template = read_prompt(prompt, ("instruction", "answer_a", "answer_b"))
+        template = read_template(prompt, ("instruction", "answer_a", "answer_b"), "judge prompt")
         first = [render(template, instruction=cand[i]["prompt"], answer_a=ref[i]["answer"],
                         answer_b=cand[i]["answer"]) for i in ids]
         second = [render(template, instruction=cand[i]["prompt"], answer_a=cand[i]["answer"],
