@@ -148,7 +148,6 @@ def render_judge(recipe: str, db: Path, out_dir: Path) -> str:
 
 def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, config: dict | None = None) -> dict:
     text = render(recipe, table(Path(db), recipe))
-    judged = [r for r in table(Path(db), recipe) if r[0] == "judge"]
     text += render_judge(recipe, Path(db), out_dir)
     pair = paired(Path(db), recipe)
     if pair:
