@@ -57,12 +57,11 @@ COLUMNS = ["recipe", "model", "model_ref", "suite", "task", "subject", "metric",
 
 
 def rows_for(recipe: str, entry: dict) -> list[dict]:
-    result = json.loads((Path(entry["result"]) / "results.json").read_text())
+    result = _result(entry)
     model = entry["model"]
     model_digest = input_digest(Path(model)) if Path(model).is_dir() else f"hub:{model}"
     dataset_digest = input_digest(Path(entry["dataset"])) if entry.get("dataset") else None
-    eval_digest = digest_json({"eval": result["eval_config"], "configs": result.get("configs", {}),
-                               "lm_eval": result["packages"].get("lm_eval")})
+    eval_digest = digest_json(eval_config_of(result))
     better = result.get("higher_is_better", {})
     rows = []
     for m in result["metrics"]:
@@ -91,10 +90,15 @@ def items_for(recipe: str, entry: dict) -> list[tuple]:
     return out
 
 
-def eval_config_of(entry: dict) -> dict:
-    result = json.loads((Path(entry["result"]) / "results.json").read_text())
-    return {"eval": result["eval_config"], "lm_eval": result["packages"].get("lm_eval"),
-            "configs": result.get("configs", {})}
+def eval_config_of(result: dict) -> dict:
+    """What makes two evaluations comparable: the eval settings, the resolved lm-eval task configs and the
+    harness version. Its digest is each score row's `eval_config_digest`; pairing refuses when it differs."""
+    return {"eval": result["eval_config"], "configs": result.get("configs", {}),
+            "lm_eval": result["packages"].get("lm_eval")}
+
+
+def _result(entry: dict) -> dict:
+    return json.loads((Path(entry["result"]) / "results.json").read_text())
 
 
 def check_comparable(suite: str, a: dict, b: dict, name_a: str = "base", name_b: str = "tuned") -> None:
@@ -141,7 +145,7 @@ def paired_rows(recipe: str, entries: list[dict], items: list[tuple]) -> list[di
                       {k[2:] for k in values if k[1] == suite and k[0] == role_b})
         if not keys:
             continue
-        check_comparable(suite, eval_config_of(base), eval_config_of(tuned), role_a, role_b)
+        check_comparable(suite, eval_config_of(_result(base)), eval_config_of(_result(tuned)), role_a, role_b)
         for metric, filt in sorted({(m, f) for _, m, f in keys}):
             subjects = {}
             for task in sorted({t for t, m, f in keys if (m, f) == (metric, filt)}):
