@@ -178,8 +178,7 @@ class Gc(DoitCmdBase):
                     "help": "delete what is listed (default: only list it)"},)
 
     def _execute(self, yes=False):
-        from pipeline.runner import CACHE, VERSIONS
-        from pipeline.store import cache_key, input_digest
+        from pipeline.runner import CACHE, stage_key
 
         try:
             keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
@@ -192,10 +191,9 @@ class Gc(DoitCmdBase):
                     if "stage" not in kw or not kw.get("cache"):
                         continue
                     try:
-                        digests = {k: input_digest(Path(v)) for k, v in kw["inputs"].items()}
+                        key = stage_key(**kw)
                     except (FileNotFoundError, OSError):
                         continue  # an input is not built: this task reaches no cache entry now
-                    key = cache_key(kw["stage"], VERSIONS[kw["stage"]], kw["config"], {**digests, **kw["params"]})
                     reached_keys.add((kw["stage"], key))
             garbage: list[tuple[Path, str]] = []
             cache_root = CACHE.resolve()

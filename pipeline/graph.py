@@ -1,21 +1,30 @@
 """The task graph: recipes in, pydoit task dicts out. No heavy imports here (dodo.py loads this module).
 
-Every stage task of recipe R writes `artifacts/R/<stage>/` and declares as its target the folder's manifest;
-its `file_dep` are the upstream manifests and the recipe files it reads, its `uptodate` is `config_changed` on
-its own config section. Paths are relative to the project root, which is doit's working directory.
+The graph knows no stage by name. It imports every module of `pipeline/stages/`, orders them by the phase each
+declares (`pipeline.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks each
+recipe through them: every stage's `tasks(plan)` declares its tasks and what they provide (a dataset, a model,
+an evaluation, ...); later stages find what they consume among the plan's products.
+
+Every stage task of recipe R writes `artifacts/R/<stage>[/<name>]/` and declares as its target the folder's
+manifest. Its `file_dep` are derived from its inputs (the manifests of upstream artifact folders, the recipe files
+and folders it reads), its `uptodate` is `config_changed` on the config it is given. Paths are relative to the
+project root, which is doit's working directory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.recipe import Recipe, RecipeError, load_recipes
+from pipeline.stage import EVAL_PHASES, PHASES, Product, Stage
 
 ARTIFACTS = Path("artifacts")
 DB = ARTIFACTS / "scores.duckdb"
 LEDGER = ARTIFACTS / ".ledger.sqlite"
 MANIFEST = "manifest.json"
-TINY_CONFIG = {"seed": 0}
+_ARTIFACTS_PREFIX = str(ARTIFACTS) + "/"
 
 DOIT_CONFIG = {
     "backend": "sqlite3",                 # unlike dbm, safe for several doit processes and `doit -n 2`
@@ -23,16 +32,6 @@ DOIT_CONFIG = {
     "continue": True,                     # one recipe that cannot be built does not stop the others
     "default_tasks": ["build"],
 }
-
-
-def _run(stage: str, label: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
-         unkeyed: dict | None = None, config: dict | None = None, cache: bool = True):
-    """The doit action that runs one stage (imported lazily by the runner)."""
-    from pipeline.runner import run_stage  # light: the runner imports stage modules only when a task runs
-
-    return (run_stage, [], {"stage": stage, "label": label, "out": str(out), "inputs": inputs or {},
-                            "params": params or {}, "unkeyed": unkeyed or {}, "config": config or {},
-                            "cache": cache})
 
 
 class config_changed:
@@ -76,33 +75,37 @@ def _clean(out: Path):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model reference points: the built-in model's folder, a local folder, or a hub id."""
+    """Where a model reference points: an artifact folder with a manifest (the built-in model, a trained model),
+    or an external reference (a local folder path or hub id) passed through as is."""
     ref: str
-    folder: Path | None      # an artifact folder with a manifest (builtin), else None
-    external: str | None     # a local folder path or hub id, passed through as is
-
-    @property
-    def file_dep(self) -> list[str]:
-        return [str(self.folder / MANIFEST)] if self.folder else []
+    folder: Path | None
+    external: str | None
+    datasets: tuple[str, ...] = ()   # the dataset artifacts a trained model was trained on
 
     def as_arg(self, name: str) -> tuple[dict, dict]:
         """(inputs, params) entries handing this model to a stage as argument `name`."""
         return ({name: str(self.folder)}, {}) if self.folder else ({}, {name: self.external})
 
-
-def model_source(ref: str) -> ModelSource:
-    if ref.startswith("builtin:"):
-        return ModelSource(ref, ARTIFACTS / "models" / ref.replace(":", "-"), None)
-    return ModelSource(ref, None, ref)
+    @property
+    def location(self) -> str:
+        return str(self.folder) if self.folder else self.external
 
 
-def _add_model(src: ModelSource, name: str, inputs: dict, params: dict, deps: list) -> None:
-    """Hand model `src` to a stage as argument `name`: an artifact folder is an input (and a file_dep through
-    its manifest), an external reference a plain parameter."""
-    i, p = src.as_arg(name)
-    inputs.update(i)
-    params.update(p)
-    deps += src.file_dep
+def builtin_folder(ref: str) -> Path:
+    return ARTIFACTS / "models" / ref.replace(":", "-")
+
+
+def discover_stages() -> list[tuple[Stage, object]]:
+    """Every stage module under pipeline/stages/, in phase order (then by name)."""
+    import pipeline.stages as package
+
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        stage = getattr(module, "STAGE", None)
+        if isinstance(stage, Stage):
+            found.append((stage, module))
+    return sorted(found, key=lambda sm: (PHASES.index(sm[0].phase), sm[0].name))
 
 
 _FILES_UNDER: dict[tuple[Path, Path], list[str]] = {}
@@ -115,219 +118,205 @@ def _files_under(root: Path, folder: Path) -> list[str]:
     return list(_FILES_UNDER[key])
 
 
-class Project:
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.recipes_dir = self.root / "recipes"
-        self.recipes: list[Recipe] = load_recipes(self.recipes_dir)
-        (self.root / ARTIFACTS).mkdir(exist_ok=True)  # doit's state file lives there
+def _paths(value) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths(v)]
+    return [str(value)]
+
+
+@dataclass
+class Plan:
+    """One recipe's walk through the stages: its tasks and their products. `recipe` is None for the project-level
+    plan (the built-in models)."""
+    project: "Project"
+    recipe: Recipe | None
+    tasks: list[dict] = field(default_factory=list)
+    products_: list[Product] = field(default_factory=list)
+    phases_done: int = 0
+    task_phase: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name if self.recipe else ""
+
+    def section(self, name: str) -> dict:
+        return self.recipe.section(name)
+
+    # -- paths ------------------------------------------------------------------------------------------------
+    ledger = str(LEDGER)     # the LLM ledger (an unkeyed input of the stages that call LLMs)
+    db = str(DB)             # the scores database
+
+    def out(self, stage: Stage | str, name: str | None = None) -> Path:
+        """`artifacts/<recipe>/<stage or folder>[/<name>]`: a stage's own folder, or a shared one (`data`)."""
+        base = ARTIFACTS / self.name / (stage if isinstance(stage, str) else stage.name)
+        return base / name if name else base
 
     def rel(self, recipe_path: str) -> str:
         """A recipe-relative file path as a project-relative one."""
         return str(Path("recipes") / recipe_path)
 
-    # -- tasks -------------------------------------------------------------------------------------------------
-    def model_tasks(self):
-        refs = sorted({r.config["model"]["base"] for r in self.recipes} |
-                      {r.config["generate"]["model"] for r in self.recipes if r.config["generate"]["backend"] == "local"} |
-                      {m["model"] for r in self.recipes for m in r.config["eval"]["models"].values()
-                       if m["model"].startswith("builtin:")})
-        for ref in refs:
-            src = model_source(ref)
-            if src.folder is None:
-                continue
-            yield {"name": src.folder.name, "doc": f"build the built-in model {ref}",
-                   "actions": [_run("model", f"model:{src.folder.name}", src.folder, config=TINY_CONFIG)],
-                   "targets": [str(src.folder / MANIFEST)], "uptodate": [config_changed(TINY_CONFIG)],
-                   "clean": [_clean(src.folder)]}
+    # -- what earlier stages made -----------------------------------------------------------------------------
+    def products(self, kind: str) -> list[Product]:
+        return [p for p in self.products_ if p.kind == kind]
 
-    def stage_tasks(self, stage: str):
-        for r in self.recipes:
-            yield from getattr(self, f"_{stage}")(r)
+    def product(self, kind: str, name: str) -> Product | None:
+        return next((p for p in self.products_ if p.kind == kind and p.name == name), None)
 
-    def _out(self, r: Recipe, stage: str) -> Path:
-        return ARTIFACTS / r.name / stage
+    def model(self, ref: str) -> ModelSource:
+        """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds."""
+        if ref.startswith("builtin:"):
+            self.project.builtin_refs.add(ref)
+            return ModelSource(ref, builtin_folder(ref), None)
+        return ModelSource(ref, None, ref)
 
-    def _task(self, r: Recipe, stage: str, name: str, out: Path, *, file_dep: list[str], config: dict,
-              inputs=None, params=None, unkeyed=None, cache=True, verbosity=2, doc="", extra_uptodate=()):
-        basename = "evaluate" if stage == "heldout" else stage  # both kinds of evaluation share `evaluate:`
-        return {"name": name, "doc": doc, "file_dep": sorted(set(file_dep)), "targets": [str(out / MANIFEST)],
-                "actions": [_run(stage, f"{basename}:{name}", out, inputs=inputs, params=params,
-                                 unkeyed=unkeyed, config=config, cache=cache)],
-                "uptodate": [config_changed(config), *extra_uptodate], "clean": [_clean(out)],
-                "verbosity": verbosity}
-
-    def _generate(self, r: Recipe):
-        c = r.section("generate")
-        prompts = ("prompt",) if c["style"] == "alpaca" else (
-            "prompt", "classify_prompt", "instance_prompt", "instance_prompt_output_first")
-        files = {k: self.rel(c[k]) for k in ("seeds", *prompts)}
-        inputs, params, deps = dict(files), {}, list(files.values())
-        if c["backend"] == "local":
-            _add_model(model_source(c["model"]), "generator", inputs, params, deps)
-        yield self._task(r, "generate", r.name, self._out(r, "generate"), file_dep=deps, config=c,
-                         inputs=inputs, params=params, unkeyed={"ledger": str(LEDGER)},
-                         doc=f"self-instruct generation for {r.name}")
-
-    def _filter(self, r: Recipe):
-        gen = self._out(r, "generate")
-        yield self._task(r, "filter", r.name, self._out(r, "filter"), file_dep=[str(gen / MANIFEST)],
-                         config=r.section("filter"), inputs={"instructions": str(gen / "instructions.jsonl")},
-                         verbosity=1, doc=f"rule + ROUGE-L filtering into the training set for {r.name}")
-
-    def _sft(self, r: Recipe):
-        src = model_source(r.config["model"]["base"])
-        data = self._out(r, "filter")
-        template = self.rel(r.config["model"]["chat_template"])
-        inputs, params = src.as_arg("base_model")
-        inputs.update(train=str(data / "train.jsonl"), chat_template=template)
-        params["base_ref"] = src.ref
-        yield self._task(r, "sft", r.name, self._out(r, "sft"), config=r.section("sft"),
-                         file_dep=[str(data / MANIFEST), template, *src.file_dep], inputs=inputs, params=params,
-                         doc=f"LoRA SFT of {src.ref} for {r.name}")
-
-    def _merge(self, r: Recipe):
-        src = model_source(r.config["model"]["base"])
-        adapter = self._out(r, "sft")
-        inputs, params = src.as_arg("base_model")
-        inputs["adapter"] = str(adapter)
-        yield self._task(r, "merge", r.name, self._out(r, "merge"), config=r.section("merge"),
-                         file_dep=[str(adapter / MANIFEST), *src.file_dep], inputs=inputs, params=params,
-                         verbosity=1, doc=f"merge the adapter into {src.ref} for {r.name}")
-
-    def models(self, r: Recipe) -> dict[str, ModelSource]:
-        """The models a recipe evaluates, by role: base, tuned, then the extra models of `[eval.models]`."""
-        out = {"base": model_source(r.config["model"]["base"]),
-               "tuned": ModelSource(f"{r.name}/merge", self._out(r, "merge"), None)}
-        names = {x.name for x in self.recipes}
-        for name, mc in sorted(r.config["eval"]["models"].items()):
+    def models(self) -> dict[str, ModelSource]:
+        """The models a recipe evaluates, by role: `base`, the trained models (`tuned`, ...), then the extra
+        models of `[eval.models]` (`recipe:<name>` is that recipe's tuned model)."""
+        out = {"base": self.model(self.recipe.config["model"]["base"])}
+        for p in self.products("model"):
+            out[p.name] = ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())))
+        for name, mc in sorted(self.recipe.config["eval"]["models"].items()):
             ref = mc["model"]
             if ref.startswith("recipe:"):
-                other = ref[len("recipe:"):]
-                if other not in names:
-                    raise RecipeError(f"{r.path}: eval.models.{name}.model: no recipe named {other!r} "
-                                      f"(known: {', '.join(sorted(names))})")
-                out[name] = ModelSource(f"{other}/merge", ARTIFACTS / other / "merge", None)
+                out[name] = self.project.tuned_model(self.recipe, f"eval.models.{name}.model", ref[len("recipe:"):])
             else:
-                out[name] = model_source(ref)
+                out[name] = self.model(ref)
         return out
 
-    def eval_entries(self, r: Recipe) -> list[dict]:
-        """One entry per (model, suite): the evaluation task's name, output folder, and how to run it."""
-        cache = self.__dict__.setdefault("_entries_by_recipe", {})
-        if r.name not in cache:
-            cache[r.name] = self._make_eval_entries(r)
-        return cache[r.name]
+    # -- declaring tasks --------------------------------------------------------------------------------------
+    def task(self, stage: Stage, name: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
+             unkeyed: dict | None = None, config: dict | None = None, provides: tuple[str, str, dict] | None = None,
+             doc: str = "", uptodate: tuple = (), file_dep: tuple = ()) -> dict:
+        """One doit task dict running `stage` into `out`.
 
-    def _make_eval_entries(self, r: Recipe) -> list[dict]:
-        ev = r.section("eval")
-        suites = ev.pop("suites")
-        entries = []
-        for role, src in self.models(r).items():
-            for suite, sc in sorted(suites.items()):
-                run_settings = {k: v for k, v in sc.items() if k != "categories"}  # used by scores only
-                entries.append({"role": role, "src": src, "suite": suite, "stage": "evaluate", "settings": sc,
-                                "config": {**{k: ev[k] for k in ("batch_size", "device")}, "suite": run_settings}})
-            if ev["heldout"]:
-                entries.append({"role": role, "src": src, "suite": "heldout", "stage": "heldout", "settings": None,
-                                "config": {"heldout_max_items": ev["heldout_max_items"]}})
-        for e in entries:
-            e["name"] = f"{r.name}.{e['role']}.{e['suite']}"
-            e["out"] = self._out(r, "eval") / f"{e['role']}-{e['suite']}"
-        return entries
+        inputs: argument name -> path (or a dict of name -> path): artifact folders (their manifest becomes a
+        file_dep and their digest part of the run-cache key) and recipe files or folders (every file in them).
+        params: keyed plain values; unkeyed: values that do not enter the run-cache key (the ledger, the DB).
+        provides: (kind, name, info) registered as a Product for later stages."""
+        inputs, params, config = inputs or {}, params or {}, config if config is not None else {}
+        deps = list(file_dep)
+        for path in _paths(inputs):
+            deps += self.project.deps_of(path)
+        from_ = f"{stage.task_basename}:{name}"
+        action = _action({
+            "module": self.project.module_of[stage.name], "stage": stage.name, "version": stage.version,
+            "label": from_, "out": str(out), "inputs": inputs, "params": params, "unkeyed": unkeyed or {},
+            "config": config, "cache": stage.cache})
+        task = {"basename": stage.task_basename, "name": name, "doc": doc or stage.doc,
+                "file_dep": sorted(set(deps)), "targets": [str(out / MANIFEST)],
+                "actions": [action], "uptodate": [config_changed(config), *uptodate],
+                "clean": [_clean(out)], "verbosity": stage.verbosity}
+        if provides:
+            kind, pname, info = provides
+            self.products_.append(Product(kind, pname, str(out), from_, info))
+        return task
 
-    def _evaluate(self, r: Recipe):
-        data = self._out(r, "filter")
-        template = self.rel(r.config["model"]["chat_template"])
-        for e in self.eval_entries(r):
-            inputs, params = e["src"].as_arg("model")
-            deps = list(e["src"].file_dep)
-            if e["stage"] == "heldout":
-                inputs.update(heldout=str(data / "heldout.jsonl"), chat_template=template)
-                deps += [str(data / MANIFEST), template]
+    def walk(self, until: str = PHASES[-1]) -> None:
+        """Ask every stage of the phases up to `until` (included) for its tasks, once."""
+        stop = PHASES.index(until) + 1
+        for stage, module in self.project.stages:
+            index = PHASES.index(stage.phase)
+            if index < self.phases_done or index >= stop or (stage.phase == "project") != (self.recipe is None):
+                continue
+            for t in module.tasks(self):
+                self.tasks.append(t)
+                self.task_phase[f"{t['basename']}:{t['name']}"] = stage.phase
+        self.phases_done = max(self.phases_done, stop)
+
+
+def _action(kwargs: dict):
+    """The doit python-action running one stage (the runner imports the stage's heavy libraries only then)."""
+    from pipeline.runner import run_stage
+
+    return (run_stage, [], kwargs)
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.recipes_dir = self.root / "recipes"
+        self.recipes: list[Recipe] = load_recipes(self.recipes_dir)
+        self.by_name = {r.name: r for r in self.recipes}
+        self.stages = discover_stages()
+        self.module_of = {s.name: m.__name__ for s, m in self.stages}
+        self.builtin_refs: set[str] = set()
+        self.plans: dict[str, Plan] = {}
+        self._deps: dict[str, list[str]] = {}
+        (self.root / ARTIFACTS).mkdir(exist_ok=True)  # doit's state file lives there
+        for r in self.recipes:
+            self.plan(r.name).walk()
+        self.project_plan = Plan(self, None)
+        self.project_plan.walk()
+
+    def deps_of(self, path: str) -> list[str]:
+        """The file_dep an input path stands for: an artifact folder's manifest, every file of a recipe folder,
+        or the recipe file itself."""
+        deps = self._deps.get(path)
+        if deps is None:
+            if path.startswith(_ARTIFACTS_PREFIX):
+                deps = [f"{path}/{MANIFEST}"]
+            elif (self.root / path).is_dir():
+                deps = _files_under(self.root, Path(path))
             else:
-                params["suite"] = e["config"]["suite"]
-                if e["settings"]["include_path"]:
-                    folder = Path(self.rel(e["settings"]["include_path"]))
-                    inputs["include_path"] = str(folder)
-                    deps += _files_under(self.root, folder)
-            yield self._task(r, e["stage"], e["name"], e["out"], file_dep=deps, config=e["config"],
-                             inputs=inputs, params=params,
-                             doc=f"{e['suite']} on the {e['role']} model of {r.name}")
+                deps = [path]
+            self._deps[path] = deps
+        return deps
 
-    def _answers(self, r: Recipe):
-        j = r.section("eval")["judge"]
-        if not j["enabled"]:
-            return
-        models = self.models(r)
-        for role in ("base", "tuned"):
-            inputs, params = models[role].as_arg("model")
-            inputs["instructions"] = self.rel(j["instructions"])
-            yield self._task(r, "answers", f"{r.name}.{role}", self._out(r, "answers") / role,
-                             file_dep=[*models[role].file_dep, self.rel(j["instructions"])],
-                             config={k: j[k] for k in ("answer_max_tokens", "judge_max_items")},
-                             inputs=inputs, params=params,
-                             doc=f"the {role} model's answers to the judge's instructions for {r.name}")
+    def plan(self, name: str, until: str = PHASES[-1]) -> Plan:
+        if name not in self.plans:
+            self.plans[name] = Plan(self, self.by_name[name])
+        self.plans[name].walk(until)
+        return self.plans[name]
 
-    def _judge(self, r: Recipe):
-        j = r.section("eval")["judge"]
-        if not j["enabled"]:
-            return
-        answers = self._out(r, "answers")
-        inputs = {"candidate": str(answers / "tuned"), "reference": str(answers / "base"),
-                  "prompt": self.rel(j["prompt"])}
-        params, deps = {}, [str(answers / "tuned" / MANIFEST), str(answers / "base" / MANIFEST),
-                            self.rel(j["prompt"])]
-        if j["backend"] == "local":
-            _add_model(model_source(j["model"]), "generator", inputs, params, deps)
-        config = {k: v for k, v in j.items() if k not in ("answer_max_tokens", "judge_max_items")}
-        yield self._task(r, "judge", r.name, self._out(r, "judge"), file_dep=deps, config=config,
-                         inputs=inputs, params=params, unkeyed={"ledger": str(LEDGER)},
-                         doc=f"{j['mode']} LLM judging of tuned vs base answers for {r.name}")
+    def tuned_model(self, recipe: Recipe, dotted: str, other: str) -> ModelSource:
+        """Another recipe's tuned model (its last trained model), for `recipe:<name>` references."""
+        if other not in self.by_name:
+            raise RecipeError(f"{recipe.path}: {dotted}: no recipe named {other!r} "
+                              f"(known: {', '.join(sorted(self.by_name))})")
+        if other == recipe.name:
+            raise RecipeError(f"{recipe.path}: {dotted}: a recipe cannot compare with its own tuned model")
+        models = self.plan(other, until="models").products("model")
+        if not models:
+            raise RecipeError(f"{recipe.path}: {dotted}: recipe {other!r} trains no model")
+        p = models[-1]
+        return ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())))
 
-    def _scores(self, r: Recipe):
-        entries, deps = [], []
-        for e in self.eval_entries(r):
-            src = e["src"]
-            dataset = str(self._out(r, "filter")) if e["role"] == "tuned" else None
-            categories = (e["settings"] or {}).get("categories")
-            entries.append({"role": e["role"], "model_ref": src.ref, "suite": e["suite"], "result": str(e["out"]),
-                            "model": str(src.folder) if src.folder else src.external, "dataset": dataset,
-                            "categories": self.rel(categories) if categories else None})
-            deps.append(str(e["out"] / MANIFEST))
-            if categories:
-                deps.append(self.rel(categories))
-        judge = None
-        if r.config["eval"]["judge"]["enabled"]:
-            judge = {"result": str(self._out(r, "judge")), "model": str(self._out(r, "merge")),
-                     "model_ref": f"{r.name}/merge", "prompt": self.rel(r.config["eval"]["judge"]["prompt"])}
-            deps.append(str(self._out(r, "judge") / MANIFEST))
-        yield self._task(r, "scores", r.name, self._out(r, "scores"), file_dep=deps,
-                         config={"entries": entries, "judge": judge},
-                         params={"recipe": r.name, "entries": entries, "judge": judge}, unkeyed={"db": str(DB)},
-                         cache=False,
-                         verbosity=1, extra_uptodate=[DB.exists], doc=f"load {r.name}'s results into {DB}")
+    # -- what dodo.py exposes ---------------------------------------------------------------------------------
+    def all_tasks(self) -> list[dict]:
+        return self.project_plan.tasks + [t for r in self.recipes for t in self.plans[r.name].tasks]
 
-    def _report(self, r: Recipe):
-        scores = self._out(r, "scores")
-        yield self._task(r, "report", r.name, ARTIFACTS / "report" / r.name, file_dep=[str(scores / MANIFEST)],
-                         config={}, inputs={"scores": str(scores)}, params={"recipe": r.name},
-                         unkeyed={"db": str(DB)}, cache=False, doc=f"base vs tuned table for {r.name}")
-
-    def recipe_stages(self, r: Recipe) -> list[str]:
-        tasks = [f"{s}:{r.name}" for s in ("generate", "filter", "sft", "merge")]
-        tasks += [f"evaluate:{e['name']}" for e in self.eval_entries(r)]
-        if r.config["eval"]["judge"]["enabled"]:
-            tasks += [f"answers:{r.name}.base", f"answers:{r.name}.tuned", f"judge:{r.name}"]
-        return tasks + [f"scores:{r.name}", f"report:{r.name}"]
+    def creators(self) -> dict:
+        """`task_<basename>` functions for dodo.py's namespace: one per stage basename, then `build` and `eval`."""
+        docs: dict[str, str] = {}
+        for stage, _ in self.stages:
+            docs.setdefault(stage.task_basename, stage.doc)
+        by_base: dict[str, list[dict]] = {b: [] for b in docs}
+        for t in self.all_tasks():
+            by_base[t["basename"]].append({k: v for k, v in t.items() if k != "basename"})
+        out = {f"task_{base}": _creator(base, docs[base], by_base[base]) for base in docs}
+        out["task_build"] = _creator("build", "Build recipes end to end (`doit build:<recipe>` for one).",
+                                     list(self.build_tasks()))
+        out["task_eval"] = _creator("eval", "Evaluate every recipe's models and refresh the scores "
+                                            "(`doit eval:<recipe>` for one).", list(self.eval_tasks()))
+        return out
 
     def build_tasks(self):
         for r in self.recipes:
             yield {"name": r.name, "doc": f"build {r.name} end to end: {r.config['description']}",
-                   "actions": None, "task_dep": self.recipe_stages(r)}
+                   "actions": None, "task_dep": list(self.plans[r.name].task_phase)}
 
     def eval_tasks(self):
         for r in self.recipes:
-            evals = [t for t in self.recipe_stages(r) if t.split(":")[0] in ("evaluate", "answers", "judge")]
-            yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores",
-                   "actions": None, "task_dep": [*evals, f"scores:{r.name}", f"report:{r.name}"]}
+            plan = self.plans[r.name]
+            yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores", "actions": None,
+                   "task_dep": [t for t, phase in plan.task_phase.items() if phase in EVAL_PHASES]}
+
+
+def _creator(basename: str, doc: str, tasks: list[dict]):
+    def create():
+        yield from tasks
+    create.__doc__ = doc
+    create.__name__ = f"task_{basename}"
+    return create

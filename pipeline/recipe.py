@@ -37,6 +37,7 @@ class Key:
     choices: tuple = ()
     file: bool = False  # a path relative to the recipes folder that must exist
     doc: str = ""
+    items: tuple = (str,)  # for lists: the types an item may have (a dict item is an inline table)
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,29 @@ SCHEMA: dict = {
         "base": Key(str, doc="'builtin:tiny', a local model folder or a Hugging Face hub id"),
         "chat_template": Key(str, file=True, doc="Jinja chat template used for training and saved with the model"),
     },
+    "data": TableOf({
+        "source": Key(str, doc="'generate' (self-instruct with [generate] and [filter]), a file under recipes/ "
+                               "(.json, .jsonl, .parquet, .csv) or a Hugging Face hub dataset id"),
+        "format": Key(str, "auto", choices=("auto", "alpaca", "sharegpt", "dolly", "messages", "preference",
+                                            "sharegpt_ranking", "orca_dpo")),
+        "columns": Key(dict, {}, doc="the format's field names -> this file's column names (LLaMA-Factory's "
+                                     "dataset_info.json 'columns' and 'tags')"),
+        "split": Key(str, "train", doc="hub datasets: the split"),
+        "subset": Key(str, None, doc="hub datasets: the configuration (subset) name"),
+        "revision": Key(str, None, doc="hub datasets: a branch, tag or commit (the resolved commit is recorded)"),
+        "limit": Key(int, 0, doc="keep the first N rows (after shuffling, if shuffle_seed is set); 0: all"),
+        "shuffle_seed": Key(int, None, doc="shuffle the rows with this seed before limit; unset: file order"),
+        "heldout_fraction": Key(float, 0.1, doc="records held out (stable content-hash split)"),
+        "dedup": Key(bool, False, doc="drop instructions whose ROUGE-L against an earlier kept one is above "
+                                      "rouge_threshold (the filter's exact rule)"),
+        "rouge_threshold": Key(float, 0.7),
+        "language": Key(str, "en", choices=("en", "zh"), doc="zh: CJK-aware ROUGE tokens for dedup"),
+        "on_bad_row": Key(str, "error", choices=("error", "skip"),
+                          doc="error: stop at the first bad rows, naming them; skip: drop and count them"),
+    }),
     "generate": {
         "backend": Key(str, "openai", choices=("openai", "local")),
-        "model": Key(str, doc="endpoint model name (openai) or model reference (local)"),
+        "model": Key(str, None, doc="endpoint model name (openai) or model reference (local)"),
         "api": Key(str, "completions", choices=("completions", "chat")),
         "base_url": Key(str, None),
         "api_key_env": Key(str, "OPENAI_API_KEY"),
@@ -66,11 +87,11 @@ SCHEMA: dict = {
         "style": Key(str, "self_instruct", choices=("self_instruct", "alpaca"),
                      doc="self_instruct: list of instructions, then classification check and instances per task; "
                          "alpaca: one prompt asks for 20 tasks with input and output"),
-        "seeds": Key(str, file=True),
-        "prompt": Key(str, file=True),
-        "classify_prompt": Key(str, file=True),
-        "instance_prompt": Key(str, file=True),
-        "instance_prompt_output_first": Key(str, file=True),
+        "seeds": Key(str, None, file=True),
+        "prompt": Key(str, None, file=True),
+        "classify_prompt": Key(str, None, file=True),
+        "instance_prompt": Key(str, None, file=True),
+        "instance_prompt_output_first": Key(str, None, file=True),
         "num_instructions": Key(int, 100, doc="stop once this many machine instructions were parsed"),
         "max_requests": Key(int, 1000, doc="request budget for instruction generation"),
         "request_batch_size": Key(int, 5),
@@ -92,6 +113,8 @@ SCHEMA: dict = {
         "heldout_fraction": Key(float, 0.1),
     },
     "sft": {
+        "data": Key(list, [], items=(str, dict),
+                    doc="datasets to train on: names, or tables {name, limit, weight}; empty: every SFT dataset"),
         "max_steps": Key(int, -1, doc="-1: train num_epochs epochs"),
         "num_epochs": Key(float, 3.0),
         "learning_rate": Key(float, 2e-4),
@@ -166,7 +189,8 @@ class Recipe:
 
 
 def _type_name(t) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+             dict: "a table"}
     return names.get(t, getattr(t, "__name__", str(t)))
 
 
@@ -179,8 +203,11 @@ def _check_value(where: str, key: Key, value):
         raise RecipeError(f"{where}: expected {_type_name(key.type)}, got {value!r}")
     if key.choices and value not in key.choices:
         raise RecipeError(f"{where}: expected one of {', '.join(map(repr, key.choices))}, got {value!r}")
-    if key.type is list and not all(isinstance(v, str) for v in value):
-        raise RecipeError(f"{where}: expected a list of strings, got {value!r}")
+    if key.type is list and not all(isinstance(v, key.items) for v in value):
+        kinds = " or ".join("strings" if t is str else "tables" for t in key.items)
+        raise RecipeError(f"{where}: expected a list of {kinds}, got {value!r}")
+    if key.type is dict and not all(isinstance(v, str) for v in value.values()):
+        raise RecipeError(f"{where}: expected a table of strings, got {value!r}")
     return value
 
 
@@ -276,8 +303,72 @@ def load_recipe(path: Path, recipes_dir: Path) -> Recipe:
     raw, files = _resolve_extends(path)
     config = _validate(raw, SCHEMA, "", path, recipes_dir)
     config.pop("extends", None)
+    _check_data(path, raw.get("data", {}), config, recipes_dir)
     _check_semantics(path, config)
     return Recipe(name=name, path=path, files=files, config=config)
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+IMPORT_ONLY = ("format", "columns", "split", "subset", "revision", "limit", "shuffle_seed", "heldout_fraction",
+               "dedup", "rouge_threshold", "language", "on_bad_row")
+
+
+def is_local_source(source: str) -> bool:
+    return source.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def _check_data(path: Path, raw_data: dict, c: dict, recipes_dir: Path) -> None:
+    from pipeline.formats import FormatError, check_columns
+
+    for name, d in c["data"].items():
+        where = f"{path}: data.{name}"
+        src = d["source"]
+        if src == "generate":
+            extra = [k for k in IMPORT_ONLY if k in raw_data.get(name, {})]
+            if extra:
+                raise RecipeError(f"{where}.{extra[0]}: not used with source = 'generate' (the [filter] section "
+                                  f"sets the rules and heldout_fraction of a generated dataset)")
+            continue
+        if is_local_source(src):
+            file = recipes_dir / src
+            if not file.resolve().is_relative_to(recipes_dir.resolve()):
+                raise RecipeError(f"{where}.source: '{src}' is outside {recipes_dir} (data files live under recipes/)")
+            if not file.is_file():
+                raise RecipeError(f"{where}.source: file '{src}' does not exist (paths are relative to {recipes_dir})")
+        elif not HUB_ID_RE.match(src):
+            raise RecipeError(f"{where}.source: expected 'generate', a file under recipes/ ending in "
+                              f"{', '.join(DATA_FILE_SUFFIXES)}, or a hub dataset id like 'owner/name', got {src!r}")
+        if d["format"] != "auto" or d["columns"]:
+            try:
+                check_columns(d["format"], d["columns"])
+            except FormatError as e:
+                raise RecipeError(f"{where}.columns: {e}") from None
+        if d["limit"] < 0:
+            raise RecipeError(f"{where}.limit: expected 0 (all rows) or a positive number of rows, got {d['limit']}")
+        if not 0.0 <= d["heldout_fraction"] < 1.0:
+            raise RecipeError(f"{where}.heldout_fraction: expected a number in [0, 1), got {d['heldout_fraction']}")
+        if not 0.0 < d["rouge_threshold"] <= 1.0:
+            raise RecipeError(f"{where}.rouge_threshold: expected a number in (0, 1], got {d['rouge_threshold']}")
+    for i, item in enumerate(c["sft"]["data"]):
+        where = f"{path}: sft.data[{i}]"
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"name", "limit", "weight"})
+            if unknown:
+                raise RecipeError(f"{where}.{unknown[0]}: unknown key (known: name, limit, weight)")
+            if not isinstance(item.get("name"), str):
+                raise RecipeError(f"{where}.name: expected the name of a [data.<name>] table")
+            limit, weight = item.get("limit", 0), item.get("weight", 1.0)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise RecipeError(f"{where}.limit: expected 0 (all) or a positive number of examples, got {limit!r}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                raise RecipeError(f"{where}.weight: expected a number > 0, got {weight!r}")
+            name = item["name"]
+        else:
+            name = item
+        if name not in c["data"]:
+            known = ", ".join(sorted(c["data"])) or "none"
+            raise RecipeError(f"{where}: no dataset named {name!r} (the recipe's [data.<name>] tables: {known})")
 
 
 def _check_semantics(path: Path, c: dict) -> None:
@@ -292,12 +383,25 @@ def _check_semantics(path: Path, c: dict) -> None:
             raise RecipeError(f"{path}: model.chat_template: {template} is not a valid Jinja template "
                               f"(line {e.lineno}: {e.message})") from None
         _TEMPLATES.add(text)
-    for dotted in ("model.base", "generate.model"):
-        section, key = dotted.split(".")
-        ref = c[section][key]
-        if ref.startswith(BUILTIN_PREFIX) and ref not in BUILTIN_MODELS:
-            raise RecipeError(f"{path}: {dotted}: unknown built-in model {ref!r} (known: {', '.join(BUILTIN_MODELS)})")
+    ref = c["model"]["base"]
+    if ref.startswith(BUILTIN_PREFIX) and ref not in BUILTIN_MODELS:
+        raise RecipeError(f"{path}: model.base: unknown built-in model {ref!r} (known: {', '.join(BUILTIN_MODELS)})")
+    if any(d["source"] == "generate" for d in c["data"].values()):
+        _check_generate(path, c)
+    _check_eval(path, c)
+
+
+def _check_generate(path: Path, c: dict) -> None:
     g = c["generate"]
+    needed = ["model", "seeds", "prompt"]
+    if g["style"] == "self_instruct":
+        needed += ["classify_prompt", "instance_prompt", "instance_prompt_output_first"]
+    for key in needed:
+        if g[key] is None:
+            raise RecipeError(f"{path}: generate.{key}: required key is missing (a dataset has source = 'generate')")
+    if g["model"].startswith(BUILTIN_PREFIX) and g["model"] not in BUILTIN_MODELS:
+        raise RecipeError(f"{path}: generate.model: unknown built-in model {g['model']!r} "
+                          f"(known: {', '.join(BUILTIN_MODELS)})")
     if g["backend"] == "openai" and g["model"].startswith(BUILTIN_PREFIX):
         raise RecipeError(f"{path}: generate.model: {g['model']!r} is a built-in model; set generate.backend = 'local'")
     if g["style"] == "self_instruct" and not 0 < g["num_machine_in_prompt"] < g["num_prompt_instructions"]:
@@ -312,6 +416,9 @@ def _check_semantics(path: Path, c: dict) -> None:
         raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
     if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:
         raise RecipeError(f"{path}: filter.rouge_threshold: expected a number in (0, 1]")
+
+
+def _check_eval(path: Path, c: dict) -> None:
     j = c["eval"]["judge"]
     if j["enabled"]:
         for key in ("instructions", "prompt"):

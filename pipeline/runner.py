@@ -1,6 +1,7 @@
 """Runs one stage as a doit action: run-cache lookup, atomic output, one-line errors.
 
-Stage modules are imported here, only when a task executes, so `doit list` never imports torch.
+The runner knows no stage by name: the task's action names the stage module, its version, its inputs and its
+config; the module's `run(out_dir, *, config, **inputs)` computes the output.
 """
 from __future__ import annotations
 
@@ -15,44 +16,35 @@ from pipeline.errors import TunebuildError
 from pipeline.store import build_cached, cache_key, input_digest
 
 CACHE = Path("artifacts") / ".cache"
-MODULES = {"model": "tiny", "generate": "generate", "filter": "filter", "sft": "sft", "merge": "merge",
-           "evaluate": "evaluate", "heldout": "heldout", "scores": "scores", "report": "report",
-           "answers": "answers", "judge": "judge"}
-# Bump a stage's version when its code changes what it writes: its run-cache entries then no longer match.
-VERSIONS = {"model": 1, "generate": 1, "filter": 2, "sft": 1, "merge": 1, "evaluate": 1, "heldout": 1,
-            "scores": 1, "report": 1, "answers": 1, "judge": 1}
 
 
-def _entry(stage: str):
-    module = importlib.import_module(f"pipeline.{MODULES[stage]}")
-    if stage == "model":
-        return lambda out_dir, config: module.build(out_dir, config)
-    if stage == "judge":
-        def judge(out_dir, *, ledger, recipe, generator=None, config, **kwargs):
-            from pipeline.llm import make_client
-
-            client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
-            return module.run(out_dir, config=config, client=client, **kwargs)
-        return judge
-    if stage == "generate":
-        def generate(out_dir, *, ledger, recipe, generator=None, config, **files):
-            from pipeline.llm import make_client
-
-            client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
-            return module.run(out_dir, config=config, client=client, **files)
-        return generate
-    return module.run
+def _digest(value):
+    if isinstance(value, dict):
+        return {k: _digest(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_digest(v) for v in value]
+    return input_digest(Path(value))
 
 
-def run_stage(*, stage: str, label: str, out: str, inputs: dict, params: dict, unkeyed: dict, config: dict,
-              cache: bool = True):
+def _as_paths(value):
+    if isinstance(value, dict):
+        return {k: _as_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_paths(v) for v in value]
+    return Path(value)
+
+
+def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: dict, **_) -> str:
+    """The run-cache key of a stage task: (stage, version, config, input digests, params)."""
+    return cache_key(stage, version, config, {**_digest(inputs), **params})
+
+
+def run_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
+              unkeyed: dict, config: dict, cache: bool = True):
     try:
-        key = cache_key(stage, VERSIONS[stage], config,
-                        {**{k: input_digest(Path(v)) for k, v in inputs.items()}, **params})
-        entry = _entry(stage)
-        kwargs = {**{k: Path(v) for k, v in inputs.items()}, **params, **unkeyed}
-        if stage in ("generate", "judge"):
-            kwargs["recipe"] = label.split(":", 1)[1]
+        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params)
+        entry = importlib.import_module(module).run
+        kwargs = {**_as_paths(inputs), **params, **unkeyed}
 
         def compute(tmp: Path):
             entry(tmp, config=config, **kwargs)

@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from pipeline import filter as filter_stage
+from pipeline.stages import filter as filter_stage
 from pipeline.recipe import load_recipes
 from conftest import ROOT
 
@@ -42,7 +42,7 @@ def test_rules_reasons_most_similar_and_histogram(tmp_path):
         task(6, "Describe your favourite season and explain why.", [("", "")]),          # no valid instance
     ]
     path, out = write(tmp_path, tasks)
-    report = filter_stage.run(out, instructions=path, config=config())
+    report = filter_stage.run(out, pool=path.parent, config=config())
     dropped = {d["id"]: d for d in read(out / "dropped.jsonl")}
     assert dropped["machine_1"]["most_similar"] == tasks[0]["instruction"] and dropped["machine_1"]["score"] == 1.0
     assert dropped["machine_4"]["reason"].startswith("blocklisted keyword")
@@ -69,12 +69,12 @@ def test_chinese_instructions_kept_and_deduplicated_when_language_is_zh(tmp_path
         task(3, "把下面的句子翻译成英文", [("你好", "Hello")]),
     ]
     path, out = write(tmp_path, tasks)
-    filter_stage.run(out, instructions=path, config=config(language="zh", min_words=1))
+    filter_stage.run(out, pool=path.parent, config=config(language="zh", min_words=1))
     dropped = {d["id"]: d["reason"] for d in read(out / "dropped.jsonl")}
     assert dropped == {"machine_1": "ROUGE-L above 0.7"}
     # the same data as English: the non-English first character rule drops every Chinese instruction
     (tmp_path / "en").mkdir()
     path, out2 = write(tmp_path / "en", tasks)
-    filter_stage.run(out2, instructions=path, config=config(language="en", min_words=1))
+    filter_stage.run(out2, pool=path.parent, config=config(language="en", min_words=1))
     reasons = {d["id"]: d["reason"] for d in read(out2 / "dropped.jsonl")}
     assert set(reasons.values()) == {"starts with a non-English character"}

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from openai_server import FakeOpenAI
-from pipeline import generate
+from pipeline.stages import generate
 from pipeline.errors import Unavailable
 from pipeline.llm import make_client
 from pipeline.recipe import load_recipes
@@ -31,7 +31,7 @@ def run_once(tmp_path, url, name, **over):
     out = tmp_path / name
     out.mkdir()
     client = make_client(cfg, generator=None, ledger=tmp_path / "ledger.sqlite", recipe="t")
-    report = generate.run(out, config=cfg, client=client, **files())
+    report = generate.generate(out, config=cfg, client=client, **files())
     return out, report, client
 
 
@@ -108,7 +108,7 @@ def test_alpaca_style_one_prompt_for_20_tasks_with_instances(tmp_path, monkeypat
         out.mkdir()
         client = make_client(cfg, generator=None, ledger=tmp_path / "ledger.sqlite", recipe="t")
         r = ROOT / "recipes"
-        report = generate.run(out, seeds=r / "seeds/seed_tasks.jsonl", prompt=r / "prompts/alpaca.txt",
+        report = generate.generate(out, seeds=r / "seeds/seed_tasks.jsonl", prompt=r / "prompts/alpaca.txt",
                               config=cfg, client=client)
     prompts = [q["prompt"] for q in server.requests]
     # only task-list requests: no classification or instance prompts in this style

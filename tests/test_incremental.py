@@ -51,7 +51,7 @@ judge_max_items = 4
 answer_max_tokens = 12
 """
 ENV = {"TB_TEST_KEY": "test", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""}
-STAGES_T = {"generate:t", "filter:t", "sft:t", "merge:t", "evaluate:t.base.tb_basic", "evaluate:t.base.heldout",
+STAGES_T = {"generate:t.self_instruct", "filter:t.self_instruct", "sft:t", "merge:t", "evaluate:t.base.tb_basic", "evaluate:t.base.heldout",
             "evaluate:t.tuned.tb_basic", "evaluate:t.tuned.heldout", "scores:t", "report:t"}
 
 
@@ -77,7 +77,7 @@ def edit(path, old, new):
 def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     executed, out, rc = doit(project, "eval", check=False)
     assert rc != 0  # mini_lima cannot be built offline ...
-    assert "generate:mini_lima: environment variable OPENAI_API_KEY is not set" in out
+    assert "generate:mini_lima.self_instruct: environment variable OPENAI_API_KEY is not set" in out
     assert "evaluate:mini_lima.base.tb_basic: model 'Qwen/Qwen1.5-0.5B' is not a local folder" in out
     assert STAGES_T <= executed  # ... and the other recipe still completes
     assert (project / "artifacts/report/t/comparison.md").exists()
@@ -109,7 +109,7 @@ def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     from PIL import Image
     with Image.open(project / "artifacts/report/t/subjects-subjects-acc.png") as img:
         img.verify()
-    gen = json.loads((project / "artifacts/t/generate/report.json").read_text())
+    gen = json.loads((project / "artifacts/t/generate/self_instruct/report.json").read_text())
     assert gen["machine_instructions"] == 8 and gen["usage"]["requests"] > 0
 
 
@@ -135,7 +135,7 @@ def test_chat_template_edit_retrains_but_does_not_regenerate(project):
     executed, out, _ = doit(project, "build:t")
     assert {"sft:t", "merge:t", "evaluate:t.tuned.tb_basic", "evaluate:t.tuned.heldout",
             "evaluate:t.base.heldout", "scores:t", "report:t"} <= executed, out
-    assert not executed & {"generate:t", "filter:t", "evaluate:t.base.tb_basic"}, out
+    assert not executed & {"generate:t.self_instruct", "filter:t.self_instruct", "evaluate:t.base.tb_basic"}, out
 
 
 def test_generation_prompt_edit_reruns_generation_and_downstream(project):
@@ -143,11 +143,11 @@ def test_generation_prompt_edit_reruns_generation_and_downstream(project):
     before = prompt.read_text()
     edit(prompt, "Come up with a series of tasks:\n", "Come up with a series of tasks:\n\n")
     executed, out, _ = doit(project, "build:t")
-    assert {"generate:t", "filter:t", "sft:t", "merge:t", "evaluate:t.tuned.tb_basic"} <= executed, out
+    assert {"generate:t.self_instruct", "filter:t.self_instruct", "sft:t", "merge:t", "evaluate:t.tuned.tb_basic"} <= executed, out
     # reverting the prompt restores every stage from the run cache instead of recomputing
     prompt.write_text(before)
     executed, out, _ = doit(project, "build:t")
-    assert "generate:t" in executed and "generate:t: restored from the run cache" in out, out
+    assert "generate:t.self_instruct" in executed and "generate:t.self_instruct: restored from the run cache" in out, out
     assert "sft:t: restored from the run cache" in out
 
 
@@ -195,10 +195,10 @@ def test_early_cutoff_identical_filter_output_stops_the_rebuild(project):
     # no instruction comes near 150 words: the filter reruns, writes byte-identical output, nothing downstream runs
     recipe = project / "recipes/t.toml"
     recipe.write_text(recipe.read_text() + "[filter]\nmax_words = 149\n")
-    before = (project / "artifacts/t/filter/manifest.json").read_bytes()
+    before = (project / "artifacts/t/data/self_instruct/manifest.json").read_bytes()
     executed, out, _ = doit(project, "build:t")
-    assert executed == {"filter:t"}, out
-    assert (project / "artifacts/t/filter/manifest.json").read_bytes() == before
+    assert executed == {"filter:t.self_instruct"}, out
+    assert (project / "artifacts/t/data/self_instruct/manifest.json").read_bytes() == before
 
 
 def test_why_names_changed_keys_transitively_and_runs_nothing(project):
@@ -206,9 +206,9 @@ def test_why_names_changed_keys_transitively_and_runs_nothing(project):
     state = (project / "artifacts/.doit.sqlite").read_bytes()
     _, _, out, _ = run_doit(project, "why", "build:t", env=ENV)
     lines = out.splitlines()
-    gen = next(line for line in lines if line.startswith("generate:t "))
+    gen = next(line for line in lines if line.startswith("generate:t.self_instruct "))
     assert "will run" in gen and "config temperature: 0.7 → 0.9" in gen, out
-    assert any(line.startswith("filter:t ") and "may run" in line and "generate:t" in line for line in lines), out
+    assert any(line.startswith("filter:t.self_instruct ") and "may run" in line and "generate:t.self_instruct" in line for line in lines), out
     assert any(line.startswith("report:t ") and "may run" in line for line in lines), out
     assert not any(line.startswith(("sft:t ", "merge:t ")) and "will run" in line for line in lines), out
     assert (project / "artifacts/.doit.sqlite").read_bytes() == state  # nothing ran, nothing was recorded
@@ -233,7 +233,8 @@ def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
                                              '[eval.models.tiny]\nmodel = "builtin:tiny"\n' + JUDGE.format(url=url))
     executed, out, _ = doit(project, "build:t2")
     for stage in ("generate", "filter", "sft", "merge", "evaluate"):
-        label = f"{stage}:t2" if stage != "evaluate" else "evaluate:t2.tuned.heldout"
+        label = {"evaluate": "evaluate:t2.tuned.heldout", "generate": "generate:t2.self_instruct",
+                 "filter": "filter:t2.self_instruct"}.get(stage, f"{stage}:t2")
         assert f"{label}: restored from the run cache" in out, out
     assert "evaluate:t2.tuned.tb_basic: restored" not in out  # its own setting differs: computed
     # an extra model is evaluated once per (model content, suite config), whichever recipe asked first

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from openai_server import FakeOpenAI
-from pipeline import judge
+from pipeline.stages import judge
 from pipeline.llm import make_client
 from conftest import ROOT
 
@@ -34,7 +34,7 @@ def run_judge(tmp_path, server, cand, ref, name="out", prompt=PROMPT, **over):
     out = tmp_path / name
     out.mkdir()
     client = make_client(config(server.url, **over), generator=None, ledger=tmp_path / "ledger.sqlite", recipe="t")
-    return judge.run(out, candidate=cand, reference=ref, prompt=prompt, config=config(server.url, **over),
+    return judge.judge(out, candidate=cand, reference=ref, prompt=prompt, config=config(server.url, **over),
                      client=client), out
 
 

@@ -49,7 +49,7 @@ def test_killed_generation_resumes_without_repeating_requests(tmp_path):
         (tmp_path / "a").mkdir()
         a = copy_project(tmp_path / "a")
         (a / "recipes/t.toml").write_text(RECIPE.format(url=server.url))
-        proc = subprocess.Popen([sys.executable, "-m", "doit", "generate:t"], cwd=a, start_new_session=True,
+        proc = subprocess.Popen([sys.executable, "-m", "doit", "generate:t.self_instruct"], cwd=a, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), **ENV},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -58,11 +58,11 @@ def test_killed_generation_resumes_without_repeating_requests(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         recorded = ledger_prompts(a)
-        assert len(recorded) >= 6 and not (a / "artifacts/t/generate/manifest.json").exists()
+        assert len(recorded) >= 6 and not (a / "artifacts/t/generate/self_instruct/manifest.json").exists()
         before = len(server.requests)
 
-        executed, _, out, _ = run_doit(a, "generate:t", env=ENV)
-        assert "generate:t" in executed
+        executed, _, out, _ = run_doit(a, "generate:t.self_instruct", env=ENV)
+        assert "generate:t.self_instruct" in executed
         resent = sent(server, before)
         assert resent and not set(resent) & recorded, "a request the ledger had answered was sent again"
         assert f"{len(resent)} sent now" in out
@@ -70,8 +70,8 @@ def test_killed_generation_resumes_without_repeating_requests(tmp_path):
         (tmp_path / "b").mkdir()
         b = copy_project(tmp_path / "b")
         (b / "recipes/t.toml").write_text(RECIPE.format(url=server.url))
-        run_doit(b, "generate:t", env=ENV)
-    assert (a / "artifacts/t/generate/instructions.jsonl").read_bytes() == \
-        (b / "artifacts/t/generate/instructions.jsonl").read_bytes()
-    report = json.loads((a / "artifacts/t/generate/report.json").read_text())
+        run_doit(b, "generate:t.self_instruct", env=ENV)
+    assert (a / "artifacts/t/generate/self_instruct/instructions.jsonl").read_bytes() == \
+        (b / "artifacts/t/generate/self_instruct/instructions.jsonl").read_bytes()
+    report = json.loads((a / "artifacts/t/generate/self_instruct/report.json").read_text())
     assert report["usage"]["requests"] > 0 and report["usage"]["cost"] > 0

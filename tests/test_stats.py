@@ -5,7 +5,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from pipeline.errors import TunebuildError
-from pipeline.scores import check_comparable, read_categories
+from pipeline.stages.scores import check_comparable, read_categories
 from pipeline.stats import holm, mcnemar_exact, paired_p, paired_summary
 
 

@@ -4,8 +4,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
-from pipeline import filter as filter_stage
-from pipeline import merge, sft, tiny
+from pipeline.stages import filter as filter_stage
+from pipeline import tiny
+from pipeline.stages import merge, sft
 from pipeline.recipe import load_recipes
 
 
@@ -26,19 +27,20 @@ def test_tiny_model_is_deterministic_and_loads_with_from_pretrained(tiny_model, 
 
 def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
     demo = {r.name: r for r in load_recipes(ROOT / "recipes")}["demo"]
-    pool = tmp_path / "pool.jsonl"
+    pool = tmp_path / "instructions.jsonl"
     with open(pool, "w") as f:
         for line in (ROOT / "recipes/seeds/seed_tasks.jsonl").read_text().splitlines():
             f.write(json.dumps({**json.loads(line), "source": "seed"}) + "\n")
     data = tmp_path / "data"
     data.mkdir()
-    filter_stage.run(data, instructions=pool, config=demo.section("filter"))
+    filter_stage.run(data, pool=tmp_path, config=demo.section("filter"))
 
     cfg = demo.section("sft")
-    cfg.update(max_steps=4, logging_steps=1, batch_size=2, max_length=128)
+    cfg.update(max_steps=4, logging_steps=1, batch_size=2, max_length=128,
+               data=[{"name": "self_instruct", "limit": 0, "weight": 1.0}])
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    summary = sft.run(adapter, base_model=str(tiny_model), base_ref="builtin:tiny", train=data / "train.jsonl",
+    summary = sft.run(adapter, base_model=str(tiny_model), base_ref="builtin:tiny", data={"self_instruct": data},
                       chat_template=ROOT / "recipes/templates/default.jinja", config=cfg)
     assert summary["steps"] == 4
     log = [json.loads(x) for x in (adapter / "train_log.jsonl").read_text().splitlines()]

@@ -3,7 +3,13 @@
 For each held-out prompt/completion record, the mean negative log-likelihood of the reference response given the
 prompt, both rendered with the chat template the tuned model was trained with (the same template for the base
 and the tuned model, so the two numbers compare). Metrics: `loss` (token-weighted mean NLL) and `perplexity`
-(exp of it), with a standard error over items and per-item samples.
+(exp of it), with a standard error over items and per-item samples. The last assistant turn of each held-out
+conversation is the scored response.
+
+Contract: reads `eval.heldout` / `eval.heldout_max_items` and `model.chat_template`; consumes every model of the
+recipe and the held-out split of the datasets the trained models learned from; writes
+`artifacts/<recipe>/eval/<model>-heldout/` (task `evaluate:<recipe>.<model>.heldout`) and provides it as an
+`evaluation`.
 """
 from __future__ import annotations
 
@@ -12,17 +18,45 @@ import math
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
+from pipeline.stage import Stage
+
+STAGE = Stage(name="heldout", basename="evaluate", version=2, phase="eval", section="eval",
+              doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
 
 
-def run(out_dir: Path, *, model: str, heldout: Path, chat_template: Path, config: dict) -> dict:
+def tasks(plan):
+    ev = plan.section("eval")
+    datasets = sorted({d for p in plan.products("model") for d in p.info.get("datasets", ())})
+    if not ev["heldout"] or not datasets:
+        return
+    template = plan.rel(plan.recipe.config["model"]["chat_template"])
+    for role, src in plan.models().items():
+        inputs, params = src.as_arg("model")
+        inputs.update(data={Path(d).name: d for d in datasets}, chat_template=template)
+        yield plan.task(STAGE, f"{plan.name}.{role}.heldout", plan.out("eval", f"{role}-heldout"), inputs=inputs,
+                        params=params, config={"heldout_max_items": ev["heldout_max_items"]},
+                        provides=("evaluation", f"{role}.heldout",
+                                  {"role": role, "suite": "heldout", "model": src, "categories": None}),
+                        doc=f"held-out loss of the {role} model of {plan.name}")
+
+
+def run(out_dir: Path, *, model: str, data: dict, chat_template: Path, config: dict) -> dict:
     import torch
 
+    from pipeline.dataset import read_records
     from pipeline.hf import load_causal_lm, package_versions
 
-    records = [json.loads(line) for line in Path(heldout).read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for _, folder in sorted(data.items()):
+        for rec in read_records(Path(folder) / "heldout.jsonl"):
+            if "messages" in rec:
+                records.append({"prompt": rec["messages"][:-1], "completion": rec["messages"][-1:],
+                                "task_id": rec.get("task_id")})
+    heldout = ", ".join(f"{Path(f).name}/heldout.jsonl" for f in data.values())
     records = records[: config["heldout_max_items"]]
     if not records:
-        raise TunebuildError(f"{heldout} holds no held-out example (raise filter.heldout_fraction)")
+        raise TunebuildError(f"{heldout}: no held-out example (raise the dataset's heldout_fraction, or set "
+                             f"eval.heldout = false)")
     lm, tok = load_causal_lm(model, dtype="float32")
     tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
     lm.eval()

@@ -5,12 +5,25 @@ tabulate by hand (average before, after, average / max / min improvement over su
 per-category tables (micro and macro averages, labelled) with paired bootstrap CIs and p-values, and the plain
 table of every metric. Plots: `subjects-<suite>-<metric>.png`, the per-subject improvement with its CI.
 A delta whose CI contains 0 is shown as not significant; a delta is better/worse by the metric's direction.
+
+Contract: reads nothing of the recipe; consumes the recipe's `scores`; writes `artifacts/report/<recipe>/`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.stage import Stage
 from pipeline.store import file_lock
+
+STAGE = Stage(name="report", version=1, phase="report", cache=False,
+              doc="Print and write a recipe's base-vs-tuned comparison.")
+
+
+def tasks(plan):
+    for p in plan.products("scores"):
+        yield plan.task(STAGE, plan.name, Path("artifacts") / "report" / plan.name, inputs={"scores": p.out},
+                        params={"recipe": plan.name}, unkeyed={"db": plan.db},
+                        doc=f"base vs tuned table for {plan.name}")
 
 
 def _fmt(x) -> str:

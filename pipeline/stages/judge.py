@@ -12,6 +12,10 @@ are reported.
 
 Every judge call goes through the LLM client and its ledger, keyed by (judge model, rendered prompt, sampling),
 and the rendered prompt holds the two answers in their order: editing the judge prompt re-judges, nothing else.
+
+Contract: reads `[eval.judge]`; consumes the `answers` of the tuned (candidate) and base (reference) models and,
+for the local backend, the judge model; gets its LLM client from `pipeline.llm.make_client` with the ledger;
+writes `artifacts/<recipe>/judge/` and provides it as a `judgement` for the scores stage.
 """
 from __future__ import annotations
 
@@ -19,10 +23,30 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.errors import TunebuildError
 from pipeline.prompts import read_template, render
+from pipeline.stage import Stage
+
+STAGE = Stage(name="judge", version=1, phase="compare", section="eval.judge",
+              doc="LLM-as-judge: tuned vs base answers, both orders (or single-answer grading).")
+ANSWER_KEYS = ("answer_max_tokens", "judge_max_items")  # the answers stage's part of [eval.judge]
+
+
+def tasks(plan):
+    j = plan.section("eval")["judge"]
+    cand, ref = plan.product("answers", "tuned"), plan.product("answers", "base")
+    if not j["enabled"] or not cand or not ref:
+        return
+    inputs, params = {"candidate": cand.out, "reference": ref.out, "prompt": plan.rel(j["prompt"])}, {}
+    if j["backend"] == "local":
+        i, p = plan.model(j["model"]).as_arg("generator")
+        inputs.update(i)
+        params.update(p)
+    yield plan.task(STAGE, plan.name, plan.out(STAGE), inputs=inputs, params=params,
+                    config={k: v for k, v in j.items() if k not in ANSWER_KEYS},
+                    unkeyed={"ledger": plan.ledger, "recipe": plan.name},
+                    provides=("judgement", "tuned-vs-base", {"model": cand.info["model"], "prompt": plan.rel(j["prompt"])}),
+                    doc=f"{j['mode']} LLM judging of tuned vs base answers for {plan.name}")
 
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
@@ -53,10 +77,12 @@ def outcome(first: str | None, second: str | None) -> tuple[float, bool]:
     return 0.5, True
 
 
-def length_controlled(y: np.ndarray, len_candidate: np.ndarray, len_reference: np.ndarray) -> float:
+def length_controlled(y, len_candidate, len_reference) -> float:
     """Win rate at equal answer lengths: logistic regression of the outcome (1/0.5/0, as fractional
     responses) on tanh(length difference / its standard deviation), fitted by Newton's method; the intercept's
     probability."""
+    import numpy as np
+
     d = (len_candidate - len_reference).astype(float)
     scale = d.std() or 1.0
     x = np.column_stack([np.ones_like(d), np.tanh(d / scale)])
@@ -71,8 +97,18 @@ def length_controlled(y: np.ndarray, len_candidate: np.ndarray, len_reference: n
     return float(1 / (1 + np.exp(-beta[0])))
 
 
-def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, client,
-        candidate_name: str = "tuned", reference_name: str = "base") -> dict:
+def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, ledger: str,
+        recipe: str = "", generator: str | None = None) -> dict:
+    from pipeline.llm import make_client
+
+    client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
+    return judge(out_dir, candidate=candidate, reference=reference, prompt=prompt, config=config, client=client)
+
+
+def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, client,
+          candidate_name: str = "tuned", reference_name: str = "base") -> dict:
+    import numpy as np
+
     cand, ref = read_answers(candidate), read_answers(reference)
     ids = [i for i in cand if i in ref]
     if not ids:

@@ -9,31 +9,54 @@ Rules, in order (self-instruct's bootstrap and prepare_for_finetuning rules):
 3. ROUGE-L novelty: a machine instruction whose ROUGE-L F-measure against any instruction already kept (seed
    instructions first) is above `rouge_threshold` is dropped.
 
-Writes `train.jsonl` and `heldout.jsonl` (conversational prompt/completion records, split per instance by a
-content hash so the split is stable), `dropped.jsonl` (each dropped task with its reason, and for ROUGE drops the
+Contract: reads `[filter]`; consumes the `pool` of a generate task; writes the canonical dataset
+`artifacts/<recipe>/data/<name>/` (the same shape the import stage writes) and provides it as a `dataset`.
+Writes `train.jsonl` and `heldout.jsonl` (canonical `messages` records, split per instance by a content hash so
+the split is stable), `dropped.jsonl` (each dropped task with its reason, and for ROUGE drops the
 kept instruction it matched and the score), `similarity.png` (histogram of each machine instruction's highest
 ROUGE-L against the instructions before it, exact above half the threshold) and `report.json`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import string
 from collections import Counter
 from pathlib import Path
 
+from pipeline.dataset import finish
 from pipeline.errors import TunebuildError
-from pipeline.plots import similarity_histogram
-from pipeline.rouge import filter_with_reasons
+from pipeline.stage import Stage
+
+STAGE = Stage(name="filter", version=3, phase="data", section="filter", verbosity=1,
+              doc="Rule and ROUGE-L filtering of a generated pool into a canonical dataset.")
+
+
+def tasks(plan):
+    for pool in plan.products("pool"):
+        out = plan.out("data", pool.name)
+        yield plan.task(STAGE, f"{plan.name}.{pool.name}", out, inputs={"pool": pool.out},
+                        config=plan.section("filter"), provides=("dataset", pool.name, {"kind": "sft"}),
+                        doc=f"rule + ROUGE-L filtering of {plan.name}'s {pool.name} into its training set")
+
+
+CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f]")
+
+
+def count_words(text: str, language: str) -> int:
+    """Words for English; for Chinese (`zh`), each CJK character counts as a word, plus the non-CJK words."""
+    if language == "zh":
+        return len(CJK.findall(text)) + len(CJK.sub(" ", text).split())
+    return len(text.split())
 
 
 def instruction_problem(inst: str, c: dict) -> str | None:
-    words = inst.split()
-    if len(words) < c["min_words"]:
-        return f"fewer than {c['min_words']} words"
-    if len(words) > c["max_words"]:
-        return f"more than {c['max_words']} words"
+    words = count_words(inst, c["language"])
+    unit = "words" if c["language"] == "en" else "words (CJK characters count one each)"
+    if words < c["min_words"]:
+        return f"fewer than {c['min_words']} {unit}"
+    if words > c["max_words"]:
+        return f"more than {c['max_words']} {unit}"
     low = inst.lower()
     for kw in c["blocklist"]:
         if re.search(r"\b" + re.escape(kw.lower()) + r"\b", low):
@@ -73,18 +96,16 @@ def clean_instances(instances: list[dict], limit: int) -> tuple[list[dict], Coun
 
 def to_example(task: dict, ins: dict) -> dict:
     user = task["instruction"].strip() + ("\n\n" + ins["input"] if ins["input"] else "")
-    return {"prompt": [{"role": "user", "content": user}],
-            "completion": [{"role": "assistant", "content": ins["output"]}],
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": ins["output"]}],
             "task_id": task["id"], "source": task["source"]}
 
 
-def is_heldout(example: dict, fraction: float) -> bool:
-    key = json.dumps([example["prompt"], example["completion"]], ensure_ascii=False).encode()
-    return int(hashlib.sha256(key).hexdigest()[:8], 16) / 0x100000000 < fraction
+def run(out_dir: Path, *, pool: Path, config: dict) -> dict:
+    from pipeline.plots import similarity_histogram
+    from pipeline.rouge import filter_with_reasons
 
-
-def run(out_dir: Path, *, instructions: Path, config: dict) -> dict:
     c = config
+    instructions = Path(pool) / "instructions.jsonl"
     tasks = [json.loads(line) for line in Path(instructions).read_text(encoding="utf-8").splitlines() if line]
     dropped = []
     instance_drops: Counter = Counter()
@@ -116,18 +137,6 @@ def run(out_dir: Path, *, instructions: Path, config: dict) -> dict:
                             "reason": f"ROUGE-L above {c['rouge_threshold']}", "most_similar": similar,
                             "score": round(score, 4)})
 
-    train = heldout = 0
-    with open(out_dir / "train.jsonl", "w", encoding="utf-8") as ftrain, \
-            open(out_dir / "heldout.jsonl", "w", encoding="utf-8") as fheld:
-        for t in kept:
-            for ins in t["instances"]:
-                ex = to_example(t, ins)
-                if is_heldout(ex, c["heldout_fraction"]):
-                    fheld.write(json.dumps(ex, ensure_ascii=False) + "\n")
-                    heldout += 1
-                else:
-                    ftrain.write(json.dumps(ex, ensure_ascii=False) + "\n")
-                    train += 1
     with open(out_dir / "dropped.jsonl", "w", encoding="utf-8") as f:
         for d in dropped:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
@@ -138,14 +147,16 @@ def run(out_dir: Path, *, instructions: Path, config: dict) -> dict:
         threshold=c["rouge_threshold"], floor=floor,
         title=f"{len(machine)} machine instructions after the instruction rules ({tokenizer} tokens)")
     report = {
-        "tasks_in": len(tasks), "seed_tasks_kept": len(seeds),
+        "source": "generate", "tasks_in": len(tasks), "seed_tasks_kept": len(seeds),
         "machine_tasks_in": sum(t["source"] == "machine" for t in tasks),
         "machine_tasks_kept": len(kept) - len(seeds), "dropped_by_reason": dict(sorted(reasons.items())),
         "instances_dropped_by_reason": dict(sorted(instance_drops.items())),
-        "train_examples": train, "heldout_examples": heldout,
         "max_similarity_histogram": histogram,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    if train == 0:
-        raise TunebuildError(f"filter kept no training example out of {len(tasks)} tasks (see the reasons above)")
-    return report
+    records = [to_example(t, ins) for t in kept for ins in t["instances"]]
+    try:
+        return finish(out_dir, records, c["heldout_fraction"], report,
+                      f"{len(records)} examples from {len(kept)} tasks")
+    except TunebuildError:
+        raise TunebuildError(f"filter kept no training example out of {len(tasks)} tasks "
+                             f"(dropped: {dict(sorted(reasons.items()))})") from None

@@ -14,13 +14,46 @@ labelled as such, with the delta, a paired bootstrap CI (`ci_low`, `ci_high`), `
 for 0/1 metrics, Wilcoxon otherwise, bootstrap for macro averages) and `p_holm` (Holm across a suite's subjects).
 Views: `subject_deltas`, `category_deltas`, `micro`, `macro`. Two models evaluated with different eval configs are
 never paired: the stage fails and says which settings differ.
+
+Contract: reads nothing of the recipe but what its evaluations were; consumes every `evaluation` and `judgement`
+of the recipe; writes `artifacts/scores.duckdb` (unkeyed, under a file lock) and `artifacts/<recipe>/scores/`
+(the rows it loaded), and provides `scores` for the report. Never cached: the database is the output.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from pipeline.stage import Stage
 from pipeline.store import digest_json, file_lock, input_digest
+
+STAGE = Stage(name="scores", version=1, phase="scores", cache=False, verbosity=1,
+              doc="Load a recipe's evaluation results into artifacts/scores.duckdb.")
+
+
+def tasks(plan):
+    entries, results = [], {}
+    for p in plan.products("evaluation"):
+        src = p.info["model"]
+        entries.append({"role": p.info["role"], "model_ref": src.ref, "suite": p.info["suite"], "result": p.out,
+                        "model": src.location, "dataset": list(src.datasets) or None,
+                        "categories": p.info["categories"]})
+        results[p.name] = p.out
+    judge = None
+    for p in plan.products("judgement"):
+        judge = {"result": p.out, "model": p.info["model"].location, "model_ref": p.info["model"].ref,
+                 "prompt": p.info["prompt"]}
+        results[p.name] = p.out
+    categories = sorted({e["categories"] for e in entries if e["categories"]})
+    if not entries and not judge:
+        return
+    db = plan.db
+    yield plan.task(STAGE, plan.name, plan.out(STAGE), file_dep=[*(str(Path(o) / "manifest.json")
+                                                                   for o in results.values()), *categories],
+                    config={"entries": entries, "judge": judge},
+                    params={"recipe": plan.name, "entries": entries, "judge": judge}, unkeyed={"db": db},
+                    uptodate=(Path(db).exists,), provides=("scores", plan.name, {}),
+                    doc=f"load {plan.name}'s results into {db}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scores (
@@ -60,7 +93,9 @@ def rows_for(recipe: str, entry: dict) -> list[dict]:
     result = _result(entry)
     model = entry["model"]
     model_digest = input_digest(Path(model)) if Path(model).is_dir() else f"hub:{model}"
-    dataset_digest = input_digest(Path(entry["dataset"])) if entry.get("dataset") else None
+    datasets = entry.get("dataset") or []
+    dataset_digest = (input_digest(Path(datasets[0])) if len(datasets) == 1 else
+                      digest_json([input_digest(Path(d)) for d in datasets])) if datasets else None
     eval_digest = digest_json(eval_config_of(result))
     better = result.get("higher_is_better", {})
     rows = []

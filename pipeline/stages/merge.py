@@ -3,10 +3,30 @@
 The base is loaded in full precision (float32), the adapter applied and merged with `merge_and_unload`, then the
 result is cast to `merge.dtype` and saved together with the tokenizer and the chat template used in training,
 so the folder loads anywhere with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+
+Contract: reads `[merge]`; consumes a `trained` adapter and the base model it was trained from; writes
+`artifacts/<recipe>/merge/` and provides it as the `model` `tuned`, which the evaluation stages compare with base.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from pipeline.stage import Stage
+
+STAGE = Stage(name="merge", version=1, phase="models", section="merge", verbosity=1,
+              doc="Merge the LoRA adapter into the base model.")
+
+
+def tasks(plan):
+    for trained in plan.products("trained"):
+        base = trained.info["base"]
+        inputs, params = base.as_arg("base_model")
+        inputs["adapter"] = trained.out
+        out = plan.out(STAGE)
+        yield plan.task(STAGE, plan.name, out, inputs=inputs, params=params, config=plan.section("merge"),
+                        provides=("model", "tuned", {"ref": f"{plan.name}/merge",
+                                                     "datasets": trained.info["datasets"]}),
+                        doc=f"merge the adapter into {base.ref} for {plan.name}")
 
 
 def run(out_dir: Path, *, base_model: str, adapter: Path, config: dict) -> dict:

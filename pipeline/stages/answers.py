@@ -1,12 +1,35 @@
 """Stage `answers`: one model's answers to the judge's instruction set (greedy decoding, the model's own chat
 template when it has one), as `answers.jsonl` (id, prompt, answer). Deterministic, so the run cache shares the
-answers of one model across recipes."""
+answers of one model across recipes.
+
+Contract: reads `[eval.judge]` (instructions, answer_max_tokens, judge_max_items); consumes the base and the tuned
+model; writes `artifacts/<recipe>/answers/<model>/` and provides it as `answers` for the judge stage."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
+from pipeline.stage import Stage
+
+STAGE = Stage(name="answers", version=1, phase="eval", section="eval.judge",
+              doc="A model's answers to the LLM judge's instruction set.")
+
+
+def tasks(plan):
+    j = plan.section("eval")["judge"]
+    if not j["enabled"]:
+        return
+    models = plan.models()
+    for role in ("base", "tuned"):
+        if role not in models:
+            continue
+        inputs, params = models[role].as_arg("model")
+        inputs["instructions"] = plan.rel(j["instructions"])
+        yield plan.task(STAGE, f"{plan.name}.{role}", plan.out(STAGE, role), inputs=inputs, params=params,
+                        config={k: j[k] for k in ("answer_max_tokens", "judge_max_items")},
+                        provides=("answers", role, {"model": models[role]}),
+                        doc=f"the {role} model's answers to the judge's instructions for {plan.name}")
 
 
 def read_instructions(path: Path) -> list[dict]:

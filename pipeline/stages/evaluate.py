@@ -4,8 +4,12 @@ A suite is a list of lm-eval task names plus, for local suites, an `include_path
 under `recipes/evals/` (its `data_files` paths are relative to that folder; the stage runs lm-eval from there).
 Hub suites (`mmlu`, `cmmlu`, ...) need no include_path. Output: `results.json` (per task and metric: value,
 stderr, n; the resolved task configs, package versions and the eval settings) and
-`samples/<task>.jsonl` with every scored document. Nothing time-dependent is written, so a repeated
-evaluation gives an identical artifact.
+`samples/<task>.jsonl` with every scored document. Nothing time-dependent and no absolute path is written, so a
+repeated evaluation, in any folder, gives an identical artifact.
+
+Contract: reads `[eval]` (batch_size, device) and `[eval.suites.<name>]`; consumes every model of the recipe
+(base, the trained models, `[eval.models]`); writes `artifacts/<recipe>/eval/<model>-<suite>/` and provides it
+as an `evaluation` for the scores stage.
 """
 from __future__ import annotations
 
@@ -15,6 +19,41 @@ import math
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
+from pipeline.stage import Stage
+
+STAGE = Stage(name="evaluate", version=2, phase="eval", section="eval",
+              doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
+
+
+def tasks(plan):
+    ev = plan.section("eval")
+    for role, src in plan.models().items():
+        for suite, sc in sorted(ev["suites"].items()):
+            run_settings = {k: v for k, v in sc.items() if k != "categories"}  # categories: used by scores only
+            config = {"batch_size": ev["batch_size"], "device": ev["device"], "suite": run_settings}
+            inputs, params = src.as_arg("model")
+            params["suite"] = run_settings
+            if sc["include_path"]:
+                inputs["include_path"] = plan.rel(sc["include_path"])
+            categories = plan.rel(sc["categories"]) if sc["categories"] else None
+            yield plan.task(STAGE, f"{plan.name}.{role}.{suite}", plan.out("eval", f"{role}-{suite}"),
+                            inputs=inputs, params=params, config=config,
+                            file_dep=[categories] if categories else (),
+                            provides=("evaluation", f"{role}.{suite}",
+                                      {"role": role, "suite": suite, "model": src, "categories": categories}),
+                            doc=f"{suite} on the {role} model of {plan.name}")
+
+
+def _relative(obj, root: str):
+    """lm-eval's resolved task configs name their YAML by absolute path (metadata.config_source): make every
+    path under the project root relative, so artifacts and eval-config digests do not depend on the folder."""
+    if isinstance(obj, dict):
+        return {k: _relative(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative(v, root) for v in obj]
+    if isinstance(obj, str) and root in obj:
+        return obj.replace(root, "")
+    return obj
 
 
 def _clean(value):
@@ -67,7 +106,7 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
                             "stderr": _clean(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
     result = {"eval_config": {"suite": suite, "batch_size": config["batch_size"]}, "metrics": metrics,
               "packages": package_versions(),
-              "versions": res.get("versions", {}), "configs": res.get("configs", {}),
+              "versions": res.get("versions", {}), "configs": _relative(res.get("configs", {}), str(Path.cwd()) + "/"),
               "higher_is_better": res.get("higher_is_better", {})}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
     (out_dir / "samples").mkdir()

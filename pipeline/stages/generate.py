@@ -15,6 +15,11 @@ with its one instance, so there is no classification or instance request.
 Output: `instructions.jsonl` (seed tasks first, then machine tasks, in the self-instruct JSONL shape plus
 `source`) and `report.json` (requests, tokens, cost, yield, and why generation stopped). Nothing is filtered
 here beyond exact duplicates; the filter stage decides what is kept.
+
+Contract: reads `[generate]`; runs for every `[data.<name>]` with `source = "generate"`; consumes the seed file and
+prompt templates (and, for the local backend, the generator model); gets its LLM client from
+`pipeline.llm.make_client` with the ledger; writes `artifacts/<recipe>/generate/<name>/` and provides it as the
+`pool` the filter stage turns into the dataset `<name>`.
 """
 from __future__ import annotations
 
@@ -25,6 +30,30 @@ from pathlib import Path
 
 from pipeline.errors import TunebuildError
 from pipeline.prompts import read_template, render
+from pipeline.stage import Stage
+
+STAGE = Stage(name="generate", version=1, phase="source", section="generate",
+              doc="Self-instruct: grow the seed tasks into instructions and instances through the LLM ledger.")
+
+
+def tasks(plan):
+    """One task per `[data.<name>]` with `source = "generate"`: the recipe's `[generate]` section drives it.
+    Provides a `pool` (the seed + machine task pool) that the filter stage turns into a dataset."""
+    c = plan.section("generate")
+    prompts = ("prompt",) if c["style"] == "alpaca" else (
+        "prompt", "classify_prompt", "instance_prompt", "instance_prompt_output_first")
+    for name, d in sorted(plan.recipe.config["data"].items()):
+        if d["source"] != "generate":
+            continue
+        inputs, params = {k: plan.rel(c[k]) for k in ("seeds", *prompts)}, {}
+        if c["backend"] == "local":
+            i, p = plan.model(c["model"]).as_arg("generator")
+            inputs.update(i)
+            params.update(p)
+        out = plan.out(STAGE, name)
+        yield plan.task(STAGE, f"{plan.name}.{name}", out, inputs=inputs, params=params, config=c,
+                        unkeyed={"ledger": plan.ledger, "recipe": plan.name},
+                        provides=("pool", name, {}), doc=f"self-instruct generation of {plan.name}'s {name}")
 
 
 def read_seeds(path: Path) -> list[dict]:
@@ -172,8 +201,20 @@ def _alpaca_tasks(seed_tasks: list[dict], template: str, c: dict, client, known:
     return tasks, requests, parsed, stop_reason
 
 
-def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, classify_prompt: Path | None = None,
-        instance_prompt: Path | None = None, instance_prompt_output_first: Path | None = None) -> dict:
+def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, ledger: str, recipe: str = "",
+        generator: str | None = None, classify_prompt: Path | None = None, instance_prompt: Path | None = None,
+        instance_prompt_output_first: Path | None = None) -> dict:
+    """Grow the seed tasks into machine tasks with instances, through the client `[generate]` asks for."""
+    from pipeline.llm import make_client
+
+    client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
+    return generate(out_dir, seeds=seeds, prompt=prompt, config=config, client=client,
+                    classify_prompt=classify_prompt, instance_prompt=instance_prompt,
+                    instance_prompt_output_first=instance_prompt_output_first)
+
+
+def generate(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, classify_prompt: Path | None = None,
+             instance_prompt: Path | None = None, instance_prompt_output_first: Path | None = None) -> dict:
     """Grow the seed tasks into machine tasks with instances. `client` is a `pipeline.llm.Client`."""
     seed_tasks = read_seeds(seeds)
     if config["style"] == "alpaca":
