@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
-from pipeline.graph import DOIT_CONFIG, Project  # noqa: F401  (doit reads DOIT_CONFIG from here)
+from pipeline.graph import DOIT_CONFIG, creators  # noqa: F401  (doit reads DOIT_CONFIG from here)
 
 try:
-    PROJECT = Project(Path(__file__).resolve().parent)
+    globals().update(creators(Path(__file__).resolve().parent))
 except TunebuildError as error:
     sys.exit(f"tunebuild: {error}")
-
-globals().update(PROJECT.creators())

@@ -18,7 +18,7 @@ from pathlib import Path
 from doit.cmd_base import DoitCmdBase, check_tasks_exist
 from doit.exceptions import InvalidCommand
 
-from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, config_changed
+from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_changed
 from pipeline.store import config_diff
 
 RUN, MAYBE = "will run", "may run"
@@ -183,7 +183,7 @@ class Gc(DoitCmdBase):
         try:
             keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
                     if Path(t).name == MANIFEST}
-            keep_files = {p.resolve() for p in (DB, LEDGER, ARTIFACTS / ".doit.sqlite")}
+            keep_files = {p.resolve() for p in (DB, LEDGER, ARTIFACTS / ".doit.sqlite", TASKS_CACHE)}
             reached_keys = set()
             for task in self.task_list:
                 for action in task.actions:

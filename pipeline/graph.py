@@ -25,6 +25,7 @@ DB = ARTIFACTS / "scores.duckdb"
 LEDGER = ARTIFACTS / ".ledger.sqlite"
 MANIFEST = "manifest.json"
 _ARTIFACTS_PREFIX = str(ARTIFACTS) + "/"
+TASKS_CACHE = ARTIFACTS / ".tasks.pickle"
 
 DOIT_CONFIG = {
     "backend": "sqlite3",                 # unlike dbm, safe for several doit processes and `doit -n 2`
@@ -287,20 +288,18 @@ class Project:
     def all_tasks(self) -> list[dict]:
         return self.project_plan.tasks + [t for r in self.recipes for t in self.plans[r.name].tasks]
 
-    def creators(self) -> dict:
-        """`task_<basename>` functions for dodo.py's namespace: one per stage basename, then `build` and `eval`."""
+    def task_table(self) -> list[tuple[str, str, list[dict]]]:
+        """(basename, doc, task dicts) per stage basename, then `build` and `eval`: everything doit is given."""
         docs: dict[str, str] = {}
         for stage, _ in self.stages:
             docs.setdefault(stage.task_basename, stage.doc)
         by_base: dict[str, list[dict]] = {b: [] for b in docs}
         for t in self.all_tasks():
             by_base[t["basename"]].append({k: v for k, v in t.items() if k != "basename"})
-        out = {f"task_{base}": _creator(base, docs[base], by_base[base]) for base in docs}
-        out["task_build"] = _creator("build", "Build recipes end to end (`doit build:<recipe>` for one).",
-                                     list(self.build_tasks()))
-        out["task_eval"] = _creator("eval", "Evaluate every recipe's models and refresh the scores "
-                                            "(`doit eval:<recipe>` for one).", list(self.eval_tasks()))
-        return out
+        return [*((base, docs[base], by_base[base]) for base in docs),
+                ("build", "Build recipes end to end (`doit build:<recipe>` for one).", list(self.build_tasks())),
+                ("eval", "Evaluate every recipe's models and refresh the scores (`doit eval:<recipe>` for one).",
+                 list(self.eval_tasks()))]
 
     def build_tasks(self):
         for r in self.recipes:
@@ -312,6 +311,55 @@ class Project:
             plan = self.plans[r.name]
             yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores", "actions": None,
                    "task_dep": [t for t, phase in plan.task_phase.items() if phase in EVAL_PHASES]}
+
+
+def _fingerprint(root: Path) -> str:
+    """What the task list is made from: every file under recipes/ and of the pipeline package, and dodo.py, by
+    path, size and modification time."""
+    import hashlib
+    import os
+
+    entries = []
+    for top in (root / "recipes", Path(__file__).parent, root / "dodo.py"):
+        if top.is_file():
+            st = top.stat()
+            entries.append((str(top), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+            continue
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for f in sorted(files):
+                st = os.stat(os.path.join(folder, f))
+                entries.append((os.path.join(folder, f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return hashlib.sha256(repr(entries).encode()).hexdigest()
+
+
+def creators(root: Path) -> dict:
+    """`task_<basename>` functions for dodo.py's namespace: one per stage basename, then `build` and `eval`.
+
+    Validating 50 recipes and walking them through the stages takes longer than doit's own no-op check, so the
+    resulting task list is kept in `artifacts/.tasks.pickle`, keyed by `_fingerprint` (every recipe file, every
+    pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached."""
+    import os
+    import pickle
+
+    root = Path(root)
+    cache = root / TASKS_CACHE
+    key = _fingerprint(root)
+    table = None
+    try:
+        with open(cache, "rb") as f:
+            saved_key, saved = pickle.load(f)
+        table = saved if saved_key == key else None
+    except Exception:  # noqa: BLE001  missing, truncated or from another version: rebuild it
+        table = None
+    if table is None:
+        table = Project(root).task_table()
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pickle.dump((key, table), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, cache)
+    return {f"task_{base}": _creator(base, doc, tasks) for base, doc, tasks in table}
 
 
 def _creator(basename: str, doc: str, tasks: list[dict]):

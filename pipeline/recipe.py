@@ -121,6 +121,8 @@ SCHEMA: dict = {
         "batch_size": Key(int, 4),
         "gradient_accumulation_steps": Key(int, 1),
         "max_length": Key(int, 1024),
+        "max_dropped_fraction": Key(float, 0.1, doc="fail when more training conversations than this share have "
+                                                    "no answer token within max_length"),
         "warmup_steps": Key(int, 0),
         "lr_scheduler": Key(str, "linear"),
         "logging_steps": Key(int, 10),

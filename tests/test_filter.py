@@ -54,8 +54,9 @@ def test_rules_reasons_most_similar_and_histogram(tmp_path):
     kept = {json.loads(x)["task_id"] for x in (out / "train.jsonl").read_text().splitlines()}
     assert kept == {"seed_0", "machine_2"}  # machine_3 lost all its instances
     hist = report["max_similarity_histogram"]
-    assert hist["floor"] == 0.35
+    assert hist["threshold"] == 0.7 and all(b["exact"] for b in hist["bins"])  # 2 candidates: all scored exactly
     assert sum(b["dropped"] for b in hist["bins"]) == 1 and hist["bins"][-1]["dropped"] == 1
+    assert sum(b["kept"] for b in hist["bins"]) == 1
     with Image.open(out / "similarity.png") as img:
         img.verify()
         assert img.format == "PNG" and img.size[0] > 300

@@ -36,7 +36,7 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
     filter_stage.run(data, pool=tmp_path, config=demo.section("filter"))
 
     cfg = demo.section("sft")
-    cfg.update(max_steps=4, logging_steps=1, batch_size=2, max_length=128,
+    cfg.update(max_steps=4, logging_steps=1, batch_size=2, max_length=256,
                data=[{"name": "self_instruct", "limit": 0, "weight": 1.0}])
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -61,3 +61,48 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(a, base)  # training changed the model
+
+
+def test_mixture_caps_weights_and_refuses_preference_data(tmp_path):
+    from pipeline.dataset import write_dataset
+    from pipeline.errors import TunebuildError
+
+    def dataset(name, n, pref=False):
+        folder = tmp_path / name
+        folder.mkdir()
+        recs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}]} if pref else
+                {"messages": [{"role": "user", "content": f"{name} {i}"}, {"role": "assistant", "content": "ok"}]}
+                for i in range(n)]
+        write_dataset(folder, recs, 0.0)
+        return folder
+
+    data = {"a": dataset("a", 10), "b": dataset("b", 4), "p": dataset("p", 3, pref=True)}
+    mix = [{"name": "a", "limit": 6, "weight": 1.0}, {"name": "b", "limit": 0, "weight": 2.5}]
+    out = sft.load_mixture(data, mix)
+    users = [r[0]["content"] for r in out]
+    assert users[:6] == [f"a {i}" for i in range(6)] and len(users) == 6 + 10
+    assert sorted(users[6:14]) == sorted([f"b {i}" for i in range(4)] * 2) and len(set(users[14:])) == 2
+    assert out == sft.load_mixture(data, mix)  # the sampled half-copy is fixed
+    assert out[0][1] == {"role": "assistant", "content": "ok"}
+    try:
+        sft.load_mixture(data, [{"name": "p", "limit": 0, "weight": 1.0}])
+    except TunebuildError as e:
+        assert "dataset 'p' holds preference pairs" in str(e)
+    else:
+        raise AssertionError("preference data was accepted for SFT")
+
+
+def test_every_assistant_turn_is_trained_and_long_conversations_are_counted(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "See you."}]
+    rows, counts = sft.tokenize_conversations([conv], tok, 4096, "chatml")
+    ids, mask = rows[0]["input_ids"], rows[0]["completion_mask"]
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "Hello!<|im_end|>\nSee you.<|im_end|>\n"  # both answers, with their end-of-turn
+    assert counts == {"examples": 1, "kept": 1, "truncated": 0, "dropped": 0}
+    long_prompt = [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "ok"}]
+    rows, counts = sft.tokenize_conversations([conv, long_prompt], tok, 200, "chatml")
+    assert counts == {"examples": 2, "kept": 1, "truncated": 1, "dropped": 1} and len(rows[0]["input_ids"]) <= 200

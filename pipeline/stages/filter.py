@@ -14,7 +14,7 @@ Contract: reads `[filter]`; consumes the `pool` of a generate task; writes the c
 Writes `train.jsonl` and `heldout.jsonl` (canonical `messages` records, split per instance by a content hash so
 the split is stable), `dropped.jsonl` (each dropped task with its reason, and for ROUGE drops the
 kept instruction it matched and the score), `similarity.png` (histogram of each machine instruction's highest
-ROUGE-L against the instructions before it, exact above half the threshold) and `report.json`.
+ROUGE-L against the instructions before it: exact above the threshold, a sampled estimate below it) and `report.json`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pipeline.dataset import finish
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="filter", version=3, phase="data", section="filter", verbosity=1,
+STAGE = Stage(name="filter", version=4, phase="data", section="filter", verbosity=1,
               doc="Rule and ROUGE-L filtering of a generated pool into a canonical dataset.")
 
 
@@ -102,7 +102,7 @@ def to_example(task: dict, ins: dict) -> dict:
 
 def run(out_dir: Path, *, pool: Path, config: dict) -> dict:
     from pipeline.plots import similarity_histogram
-    from pipeline.rouge import filter_with_reasons
+    from pipeline.rouge import dedup
 
     c = config
     instructions = Path(pool) / "instructions.jsonl"
@@ -125,11 +125,10 @@ def run(out_dir: Path, *, pool: Path, config: dict) -> dict:
     seeds = [t for t in survivors if t["source"] == "seed"]
     machine = [t for t in survivors if t["source"] == "machine"]
     tokenizer = "auto" if c["language"] == "zh" else "default"
-    floor = c["rouge_threshold"] / 2  # the histogram is exact above this
-    decisions = filter_with_reasons([t["instruction"] for t in machine], [t["instruction"] for t in seeds],
-                                    c["rouge_threshold"], tokenizer, floor=floor)
+    result = dedup([t["instruction"] for t in machine], [t["instruction"] for t in seeds], c["rouge_threshold"],
+                   tokenizer)
     kept = list(seeds)
-    for t, (ok, similar, score) in zip(machine, decisions):
+    for t, ok, (similar, score) in zip(machine, result.keep, result.match):
         if ok:
             kept.append(t)
         else:
@@ -142,16 +141,14 @@ def run(out_dir: Path, *, pool: Path, config: dict) -> dict:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     reasons = Counter(re.sub(r"'.*'", "'…'", d["reason"]) if d["reason"].startswith("blocklisted") else d["reason"]
                       for d in dropped)
-    histogram = similarity_histogram(
-        out_dir / "similarity.png", [s for ok, _, s in decisions if ok], [s for ok, _, s in decisions if not ok],
-        threshold=c["rouge_threshold"], floor=floor,
-        title=f"{len(machine)} machine instructions after the instruction rules ({tokenizer} tokens)")
+    similarity_histogram(out_dir / "similarity.png", result.histogram, threshold=c["rouge_threshold"],
+                         title=f"{len(machine)} machine instructions after the instruction rules ({tokenizer} tokens)")
     report = {
         "source": "generate", "tasks_in": len(tasks), "seed_tasks_kept": len(seeds),
         "machine_tasks_in": sum(t["source"] == "machine" for t in tasks),
         "machine_tasks_kept": len(kept) - len(seeds), "dropped_by_reason": dict(sorted(reasons.items())),
         "instances_dropped_by_reason": dict(sorted(instance_drops.items())),
-        "max_similarity_histogram": histogram,
+        "max_similarity_histogram": result.histogram,
     }
     records = [to_example(t, ins) for t in kept for ins in t["instances"]]
     try:

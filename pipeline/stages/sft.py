@@ -5,9 +5,12 @@ Contract: reads `[sft]` (and `model.base`, `model.chat_template`); consumes the 
 (`weight`: 2 = every example twice, 0.5 = a fixed half); writes `artifacts/<recipe>/sft/` and provides it as the
 `trained` adapter `sft`, which the merge stage folds into the base model.
 
-Each canonical `messages` record becomes a conversational prompt/completion record (the last assistant turn is
-the completion), so TRL applies the chat template and computes the loss on the answer only
-(`completion_only_loss`). The recipe's chat template replaces the tokenizer's
+Each canonical `messages` record is rendered with the recipe's chat template and tokenized here, with a
+completion mask over every assistant turn (the loss is on the answers of all turns, not only the last one); TRL
+then trains on `input_ids` + `completion_mask` (`completion_only_loss`). Conversations longer than `max_length`
+are truncated; one with no answer token left is dropped. Kept, truncated and dropped counts go to
+`train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped
+(TRL would otherwise drop such examples silently). The recipe's chat template replaces the tokenizer's
 and is saved with the adapter. Output: the PEFT adapter folder, the tokenizer, and `train_log.jsonl` (loss per
 logging step; no timings, so an identical run gives an identical artifact).
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="sft", version=2, phase="train", section="sft",
+STAGE = Stage(name="sft", version=3, phase="train", section="sft",
               doc="LoRA supervised fine-tuning with TRL's SFTTrainer.")
 
 
@@ -72,7 +75,7 @@ def take(records: list[dict], limit: int, weight: float, seed: str) -> list[dict
 
 
 def load_mixture(data: dict, mix: list[dict]) -> list[dict]:
-    """Training records of the mixture, as conversational prompt/completion, in the mixture's order."""
+    """Training conversations (canonical `messages` lists) of the mixture, in the mixture's order."""
     from pipeline.dataset import kind_of, read_records
 
     out = []
@@ -81,12 +84,49 @@ def load_mixture(data: dict, mix: list[dict]) -> list[dict]:
         if records and kind_of(records[0]) != "sft":
             raise TunebuildError(f"sft.data: dataset {m['name']!r} holds preference pairs "
                                  f"(prompt/chosen/rejected); SFT trains on conversations")
-        for rec in take(records, m["limit"], m["weight"], m["name"]):
-            msgs = rec["messages"]
-            out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+        out += [rec["messages"] for rec in take(records, m["limit"], m["weight"], m["name"])]
     if not out:
         raise TunebuildError("sft.data: the datasets hold no training example")
     return out
+
+
+def _ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                              return_dict=False))
+
+
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_length: int,
+                           template: Path) -> tuple[list[dict], dict]:
+    """`input_ids` and `completion_mask` (1 on every assistant turn's tokens) per conversation, truncated to
+    `max_length`; conversations with no answer token left are dropped. Returns (rows, counts)."""
+    rows, truncated, dropped = [], 0, 0
+    for n, msgs in enumerate(conversations):
+        try:
+            full = _ids(tokenizer, msgs)
+            mask = [0] * len(full)
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                start = len(_ids(tokenizer, msgs[:i], generation_prompt=True))
+                upto = _ids(tokenizer, msgs[: i + 1])
+                if full[: len(upto)] != upto or start > len(upto):
+                    raise TunebuildError(f"{template}: rendering a conversation does not extend its earlier turns "
+                                         f"(the template must render each turn as a prefix of the next)")
+                mask[start:len(upto)] = [1] * (len(upto) - start)
+        except TunebuildError:
+            raise
+        except Exception as e:  # jinja2 errors, raise_exception() in the template, ...
+            raise TunebuildError(f"{template}: the chat template fails on training conversation {n + 1}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if len(full) > max_length:
+            truncated += 1
+            full, mask = full[:max_length], mask[:max_length]
+        if not any(mask):
+            dropped += 1
+            continue
+        rows.append({"input_ids": full, "completion_mask": mask})
+    counts = {"examples": len(conversations), "kept": len(rows), "truncated": truncated, "dropped": dropped}
+    return rows, counts
 
 
 def _precision(setting: str) -> str:
@@ -111,11 +151,15 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, data: dict, chat_templ
     precision = _precision(c["precision"])
     model, tokenizer = load_causal_lm(base_model, dtype="float32")
     tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
-    dataset = Dataset.from_list(load_mixture(data, c["data"]))
-    try:
-        tokenizer.apply_chat_template(dataset[0]["prompt"] + dataset[0]["completion"], tokenize=False)
-    except Exception as e:  # jinja2 errors, raise_exception() in the template, ...
-        raise TunebuildError(f"{chat_template}: the chat template fails on a training example: {e}") from None
+    rows, counts = tokenize_conversations(load_mixture(data, c["data"]), tokenizer, c["max_length"], chat_template)
+    print(f"sft: {counts['examples']} training conversations: {counts['kept']} kept, {counts['truncated']} truncated "
+          f"to max_length {c['max_length']}, {counts['dropped']} dropped (no answer token within max_length)",
+          flush=True)
+    if counts["dropped"] > c["max_dropped_fraction"] * counts["examples"]:
+        raise TunebuildError(f"sft.max_length: {counts['dropped']} of {counts['examples']} training conversations "
+                             f"have no answer token within {c['max_length']} tokens (more than "
+                             f"sft.max_dropped_fraction = {c['max_dropped_fraction']}): raise max_length")
+    dataset = Dataset.from_list(rows)
 
     log: list[dict] = []
 
@@ -155,6 +199,6 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, data: dict, chat_templ
         for row in log:
             f.write(json.dumps(row) + "\n")
     summary = {"steps": result.global_step, "train_loss": round(float(result.training_loss), 6),
-               "examples": len(dataset), "precision": precision}
+               **counts, "precision": precision}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
