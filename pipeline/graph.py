@@ -82,6 +82,7 @@ class ModelSource:
     folder: Path | None
     external: str | None
     datasets: tuple[str, ...] = ()   # the dataset artifacts a trained model was trained on
+    task: str | None = None          # the doit task that trains it (None for the base and external models)
 
     def as_arg(self, name: str) -> tuple[dict, dict]:
         """(inputs, params) entries handing this model to a stage as argument `name`."""
@@ -177,7 +178,7 @@ class Plan:
         models of `[eval.models]` (`recipe:<name>` is that recipe's tuned model)."""
         out = {"base": self.model(self.recipe.config["model"]["base"])}
         for p in self.products("model"):
-            out[p.name] = ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())))
+            out[p.name] = ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
         for name, mc in sorted(self.recipe.config["eval"]["models"].items()):
             ref = mc["model"]
             if ref.startswith("recipe:"):
@@ -223,7 +224,8 @@ class Plan:
                 continue
             for t in module.tasks(self):
                 self.tasks.append(t)
-                self.task_phase[f"{t['basename']}:{t['name']}"] = stage.phase
+                if stage.in_build:
+                    self.task_phase[f"{t['basename']}:{t['name']}"] = stage.phase
         self.phases_done = max(self.phases_done, stop)
 
 
@@ -282,7 +284,7 @@ class Project:
         if not models:
             raise RecipeError(f"{recipe.path}: {dotted}: recipe {other!r} trains no model")
         p = models[-1]
-        return ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())))
+        return ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
 
     # -- what dodo.py exposes ---------------------------------------------------------------------------------
     def all_tasks(self) -> list[dict]:

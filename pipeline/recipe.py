@@ -35,9 +35,33 @@ class Key:
     type: type | tuple
     default: object = REQUIRED
     choices: tuple = ()
-    file: bool = False  # a path relative to the recipes folder that must exist
+    file: bool = False  # a path relative to the recipes folder that must exist (inside it)
     doc: str = ""
     items: tuple = (str,)  # for lists: the types an item may have (a dict item is an inline table)
+    min: float | None = None       # numbers: the smallest value allowed; lists: the fewest items
+    max: float | None = None       # numbers: the largest value allowed
+    above: float | None = None     # numbers: the value must be greater than this (an open lower bound)
+    below: float | None = None     # numbers: the value must be less than this (an open upper bound)
+    folder: bool = False           # with file=True: the path must be a folder (else a file)
+
+    def range_text(self) -> str:
+        """The allowed range, as the README's recipe reference shows it ('' when unbounded)."""
+        if self.type is list:
+            return f"at least {self.min:g} item(s)" if self.min else ""
+        lo = f"> {self.above:g}" if self.above is not None else (f">= {self.min:g}" if self.min is not None else "")
+        hi = f"< {self.below:g}" if self.below is not None else (f"<= {self.max:g}" if self.max is not None else "")
+        return ", ".join(x for x in (lo, hi) if x)
+
+    def check_range(self, value) -> str | None:
+        """What is wrong with `value`'s size, or None."""
+        if self.type is list:
+            ok = self.min is None or len(value) >= self.min
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = ((self.min is None or value >= self.min) and (self.max is None or value <= self.max) and
+                  (self.above is None or value > self.above) and (self.below is None or value < self.below))
+        else:
+            ok = True
+        return None if ok else f"expected {self.range_text()}, got {value!r}"
 
 
 @dataclass(frozen=True)
@@ -66,12 +90,12 @@ SCHEMA: dict = {
         "split": Key(str, "train", doc="hub datasets: the split"),
         "subset": Key(str, None, doc="hub datasets: the configuration (subset) name"),
         "revision": Key(str, None, doc="hub datasets: a branch, tag or commit (the resolved commit is recorded)"),
-        "limit": Key(int, 0, doc="keep the first N rows (after shuffling, if shuffle_seed is set); 0: all"),
+        "limit": Key(int, 0, min=0, doc="keep the first N rows (after shuffling, if shuffle_seed is set); 0: all"),
         "shuffle_seed": Key(int, None, doc="shuffle the rows with this seed before limit; unset: file order"),
-        "heldout_fraction": Key(float, 0.1, doc="records held out (stable content-hash split)"),
+        "heldout_fraction": Key(float, 0.1, min=0, below=1, doc="records held out (stable content-hash split)"),
         "dedup": Key(bool, False, doc="drop instructions whose ROUGE-L against an earlier kept one is above "
                                       "rouge_threshold (the filter's exact rule)"),
-        "rouge_threshold": Key(float, 0.7),
+        "rouge_threshold": Key(float, 0.7, above=0, max=1),
         "language": Key(str, "en", choices=("en", "zh"), doc="zh: CJK-aware ROUGE tokens for dedup"),
         "on_bad_row": Key(str, "error", choices=("error", "skip"),
                           doc="error: stop at the first bad rows, naming them; skip: drop and count them"),
@@ -82,8 +106,8 @@ SCHEMA: dict = {
         "api": Key(str, "completions", choices=("completions", "chat")),
         "base_url": Key(str, None),
         "api_key_env": Key(str, "OPENAI_API_KEY"),
-        "concurrency": Key(int, 4),
-        "price_per_1k_tokens": Key(float, 0.0),
+        "concurrency": Key(int, 4, min=1),
+        "price_per_1k_tokens": Key(float, 0.0, min=0),
         "style": Key(str, "self_instruct", choices=("self_instruct", "alpaca"),
                      doc="self_instruct: list of instructions, then classification check and instances per task; "
                          "alpaca: one prompt asks for 20 tasks with input and output"),
@@ -92,57 +116,57 @@ SCHEMA: dict = {
         "classify_prompt": Key(str, None, file=True),
         "instance_prompt": Key(str, None, file=True),
         "instance_prompt_output_first": Key(str, None, file=True),
-        "num_instructions": Key(int, 100, doc="stop once this many machine instructions were parsed"),
-        "max_requests": Key(int, 1000, doc="request budget for instruction generation"),
-        "request_batch_size": Key(int, 5),
-        "num_prompt_instructions": Key(int, 8),
-        "num_machine_in_prompt": Key(int, 2),
-        "temperature": Key(float, 0.7),
-        "top_p": Key(float, 0.5),
-        "max_tokens": Key(int, 1024),
-        "instance_max_tokens": Key(int, 300),
+        "num_instructions": Key(int, 100, min=1, doc="stop once this many machine instructions were parsed"),
+        "max_requests": Key(int, 1000, min=1, doc="request budget for instruction generation"),
+        "request_batch_size": Key(int, 5, min=1),
+        "num_prompt_instructions": Key(int, 8, min=1),
+        "num_machine_in_prompt": Key(int, 2, min=0),
+        "temperature": Key(float, 0.7, min=0, max=2),
+        "top_p": Key(float, 0.5, above=0, max=1),
+        "max_tokens": Key(int, 1024, min=1),
+        "instance_max_tokens": Key(int, 300, min=1),
         "seed": Key(int, 42),
     },
     "filter": {
-        "rouge_threshold": Key(float, 0.7),
-        "min_words": Key(int, 4, doc="instructions with fewer words are dropped"),
-        "max_words": Key(int, 150),
+        "rouge_threshold": Key(float, 0.7, above=0, max=1),
+        "min_words": Key(int, 4, min=0, doc="instructions with fewer words are dropped"),
+        "max_words": Key(int, 150, min=1),
         "blocklist": Key(list, BLOCKLIST),
         "language": Key(str, "en", choices=("en", "zh")),
-        "max_instances_per_task": Key(int, 5),
-        "heldout_fraction": Key(float, 0.1),
+        "max_instances_per_task": Key(int, 5, min=1),
+        "heldout_fraction": Key(float, 0.1, min=0, below=1),
     },
     "sft": {
         "data": Key(list, [], items=(str, dict),
                     doc="datasets to train on: names, or tables {name, limit, weight}; empty: every SFT dataset"),
         "max_steps": Key(int, -1, doc="-1: train num_epochs epochs"),
-        "num_epochs": Key(float, 3.0),
-        "learning_rate": Key(float, 2e-4),
-        "batch_size": Key(int, 4),
-        "gradient_accumulation_steps": Key(int, 1),
-        "max_length": Key(int, 1024),
-        "max_dropped_fraction": Key(float, 0.1, doc="fail when more training conversations than this share have "
+        "num_epochs": Key(float, 3.0, above=0),
+        "learning_rate": Key(float, 2e-4, above=0),
+        "batch_size": Key(int, 4, min=1),
+        "gradient_accumulation_steps": Key(int, 1, min=1),
+        "max_length": Key(int, 1024, min=8),
+        "max_dropped_fraction": Key(float, 0.1, min=0, max=1, doc="fail when more training conversations than this share have "
                                                     "no answer token within max_length"),
-        "warmup_steps": Key(int, 0),
+        "warmup_steps": Key(int, 0, min=0),
         "lr_scheduler": Key(str, "linear"),
-        "logging_steps": Key(int, 10),
+        "logging_steps": Key(int, 10, min=1),
         "seed": Key(int, 42),
         "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16")),
         "lora": {
-            "r": Key(int, 8),
-            "alpha": Key(int, 16),
-            "dropout": Key(float, 0.05),
-            "target_modules": Key(list, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            "r": Key(int, 8, min=1),
+            "alpha": Key(int, 16, min=1),
+            "dropout": Key(float, 0.05, min=0, below=1),
+            "target_modules": Key(list, ["q_proj", "k_proj", "v_proj", "o_proj"], min=1),
         },
     },
     "merge": {
         "dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16")),
     },
     "eval": {
-        "batch_size": Key(int, 8),
+        "batch_size": Key(int, 8, min=1),
         "device": Key(str, "auto"),
         "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
-        "heldout_max_items": Key(int, 200),
+        "heldout_max_items": Key(int, 200, min=1),
         "judge": {
             "enabled": Key(bool, False, doc="LLM-as-judge: tuned vs base answers on an instruction set"),
             "mode": Key(str, "pairwise", choices=("pairwise", "single")),
@@ -154,22 +178,22 @@ SCHEMA: dict = {
             "api": Key(str, "chat", choices=("completions", "chat")),
             "base_url": Key(str, None),
             "api_key_env": Key(str, "OPENAI_API_KEY"),
-            "concurrency": Key(int, 8),
-            "price_per_1k_tokens": Key(float, 0.0),
-            "answer_max_tokens": Key(int, 256, doc="answer length of the compared models"),
-            "judge_max_items": Key(int, 0, doc="0: every instruction"),
+            "concurrency": Key(int, 8, min=1),
+            "price_per_1k_tokens": Key(float, 0.0, min=0),
+            "answer_max_tokens": Key(int, 256, min=1, doc="answer length of the compared models"),
+            "judge_max_items": Key(int, 0, min=0, doc="0: every instruction"),
         },
         "models": TableOf({
             "model": Key(str, doc="'builtin:tiny', a local model folder, a hub id, or 'recipe:<name>' (that "
                                   "recipe's tuned model)"),
         }),
         "suites": TableOf({
-            "tasks": Key(list, doc="lm-eval task or group names"),
-            "include_path": Key(str, None, file=True, doc="folder of lm-eval task YAML (+ data) under recipes/"),
-            "num_fewshot": Key(int, 0),
-            "limit": Key(int, 0, doc="0: all documents"),
+            "tasks": Key(list, min=1, doc="lm-eval task or group names"),
+            "include_path": Key(str, None, file=True, folder=True, doc="folder of lm-eval task YAML (+ data) under recipes/"),
+            "num_fewshot": Key(int, 0, min=0),
+            "limit": Key(int, 0, min=0, doc="0: all documents"),
             "apply_chat_template": Key(bool, False),
-            "max_gen_toks": Key(int, 0, doc="0: each task's own generation_kwargs"),
+            "max_gen_toks": Key(int, 0, min=0, doc="0: each task's own generation_kwargs"),
             "categories": Key(str, None, file=True,
                               doc="JSON file: subject (lm-eval task name) -> category or list of categories"),
         }),
@@ -240,14 +264,30 @@ def _validate(table: dict, schema: dict, prefix: str, file: Path, recipes_dir: P
                 out[k][name] = _validate(entry, spec.schema, f"{dotted}.{name}.", file, recipes_dir)
         elif k in table:
             value = _check_value(where, spec, table[k])
-            if spec.file and not (recipes_dir / value).exists():
-                raise RecipeError(f"{where}: file '{value}' does not exist (paths are relative to {recipes_dir})")
+            problem = spec.check_range(value)
+            if problem:
+                raise RecipeError(f"{where}: {problem}")
+            if spec.file:
+                _check_path(where, value, spec.folder, recipes_dir)
             out[k] = value
         elif spec.default is REQUIRED:
             raise RecipeError(f"{where}: required key is missing ({spec.doc or _type_name(spec.type)})")
         else:
             out[k] = _copy(spec.default)
     return out
+
+
+def _check_path(where: str, value: str, folder: bool, recipes_dir: Path) -> None:
+    """A file key names a file (or, for `folder` keys, a folder) inside the recipes folder."""
+    path = recipes_dir / value
+    if Path(value).is_absolute() or not path.resolve().is_relative_to(recipes_dir.resolve()):
+        raise RecipeError(f"{where}: '{value}' is outside {recipes_dir} (paths are relative to it and stay inside)")
+    if not path.exists():
+        raise RecipeError(f"{where}: file '{value}' does not exist (paths are relative to {recipes_dir})")
+    if folder and not path.is_dir():
+        raise RecipeError(f"{where}: '{value}' is a file; expected a folder (of lm-eval task YAML)")
+    if not folder and path.is_dir():
+        raise RecipeError(f"{where}: '{value}' is a folder; expected a file")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -346,12 +386,6 @@ def _check_data(path: Path, raw_data: dict, c: dict, recipes_dir: Path) -> None:
                 check_columns(d["format"], d["columns"])
             except FormatError as e:
                 raise RecipeError(f"{where}.columns: {e}") from None
-        if d["limit"] < 0:
-            raise RecipeError(f"{where}.limit: expected 0 (all rows) or a positive number of rows, got {d['limit']}")
-        if not 0.0 <= d["heldout_fraction"] < 1.0:
-            raise RecipeError(f"{where}.heldout_fraction: expected a number in [0, 1), got {d['heldout_fraction']}")
-        if not 0.0 < d["rouge_threshold"] <= 1.0:
-            raise RecipeError(f"{where}.rouge_threshold: expected a number in (0, 1], got {d['rouge_threshold']}")
     for i, item in enumerate(c["sft"]["data"]):
         where = f"{path}: sft.data[{i}]"
         if isinstance(item, dict):
@@ -377,13 +411,23 @@ def _check_semantics(path: Path, c: dict) -> None:
     import jinja2
 
     template = path.parent / c["model"]["chat_template"]
-    text = template.read_text(encoding="utf-8")
+    try:
+        text = template.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: model.chat_template: {template} is not UTF-8 text (byte {e.start})") from None
     if text not in _TEMPLATES:
         try:
             jinja2.Environment().parse(text)
         except jinja2.TemplateSyntaxError as e:
             raise RecipeError(f"{path}: model.chat_template: {template} is not a valid Jinja template "
                               f"(line {e.lineno}: {e.message})") from None
+        if "add_generation_prompt" not in text:
+            raise RecipeError(f"{path}: model.chat_template: {template} has no add_generation_prompt branch, so "
+                              f"evaluation, the judge's answers and the chat app could not open the assistant's "
+                              f"turn (end the template with {{% if add_generation_prompt %}}...{{% endif %}})")
+        if "messages" not in text:
+            raise RecipeError(f"{path}: model.chat_template: {template} never reads `messages`, so it renders no "
+                              f"conversation")
         _TEMPLATES.add(text)
     ref = c["model"]["base"]
     if ref.startswith(BUILTIN_PREFIX) and ref not in BUILTIN_MODELS:
@@ -411,13 +455,6 @@ def _check_generate(path: Path, c: dict) -> None:
     if g["style"] == "alpaca" and not 0 < g["num_prompt_instructions"] < 20:
         raise RecipeError(f"{path}: generate.num_prompt_instructions: expected 1..19 seed tasks in an alpaca "
                           f"prompt of 20 tasks")
-    for key in ("concurrency", "max_requests", "request_batch_size", "num_instructions"):
-        if g[key] < 1:
-            raise RecipeError(f"{path}: generate.{key}: expected a positive integer, got {g[key]}")
-    if not 0.0 <= c["filter"]["heldout_fraction"] < 1.0:
-        raise RecipeError(f"{path}: filter.heldout_fraction: expected a number in [0, 1)")
-    if not 0.0 < c["filter"]["rouge_threshold"] <= 1.0:
-        raise RecipeError(f"{path}: filter.rouge_threshold: expected a number in (0, 1]")
 
 
 def _check_eval(path: Path, c: dict) -> None:
@@ -429,8 +466,6 @@ def _check_eval(path: Path, c: dict) -> None:
         if j["backend"] == "openai" and j["model"].startswith(BUILTIN_PREFIX):
             raise RecipeError(f"{path}: eval.judge.model: {j['model']!r} is a built-in model; set "
                               f"eval.judge.backend = 'local'")
-        if j["concurrency"] < 1:
-            raise RecipeError(f"{path}: eval.judge.concurrency: expected a positive integer")
     for name, mc in c["eval"]["models"].items():
         where = f"{path}: eval.models.{name}"
         if name in ("base", "tuned") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -464,4 +499,42 @@ def _check_categories(path: Path, dotted: str, file: Path) -> None:
 
 def load_recipes(recipes_dir: Path) -> list[Recipe]:
     """Every `*.toml` directly under `recipes_dir`, validated. Raises RecipeError on the first bad one."""
-    return [load_recipe(p, recipes_dir) for p in sorted(Path(recipes_dir).glob("*.toml"))]
+    files = sorted(Path(recipes_dir).glob("*.toml"))
+    if not files:
+        raise RecipeError(f"{recipes_dir}: no recipes (*.toml) here: write one, e.g. by copying demo.toml from "
+                          f"the tunebuild repository")
+    return [load_recipe(p, recipes_dir) for p in files]
+
+
+def reference() -> str:
+    """The recipe reference (recipes/REFERENCE.md), generated from SCHEMA: every key, its type, default, allowed
+    values and meaning. `python -m pipeline.recipe > recipes/REFERENCE.md` rewrites it; a test keeps it current."""
+    import json
+
+    lines = ["# Recipe reference", "",
+             "Generated from the schema (`pipeline/recipe.py`) by `python -m pipeline.recipe > recipes/REFERENCE.md`; "
+             "a test fails when it is out of date. `<name>` stands for a name you choose. File keys are paths "
+             "relative to `recipes/` and must stay inside it.", "",
+             "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+
+    def walk(schema: dict, prefix: str):
+        for k, spec in schema.items():
+            dotted = f"{prefix}{k}"
+            if isinstance(spec, dict):
+                walk(spec, dotted + ".")
+            elif isinstance(spec, TableOf):
+                walk(spec.schema, f"{dotted}.<name>.")
+            else:
+                short = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "table"}
+                kind = "folder" if spec.folder else "file" if spec.file else short.get(spec.type, str(spec.type))
+                default = "required" if spec.default is REQUIRED else (
+                    "—" if spec.default is None else f"`{json.dumps(spec.default, ensure_ascii=False)}`")
+                allowed = ", ".join(f"`{c}`" for c in spec.choices) if spec.choices else spec.range_text()
+                lines.append(f"| `{dotted}` | {kind} | {default} | {allowed} | {spec.doc} |")
+
+    walk(SCHEMA, "")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

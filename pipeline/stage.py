@@ -32,6 +32,7 @@ class Stage:
     basename: str | None = None  # doit basename when several stages share one (`evaluate:` holds heldout too)
     cache: bool = True           # keep finished outputs in the run cache
     verbosity: int = 2           # doit verbosity of its tasks (1: doit captures stdout)
+    in_build: bool = True        # part of `doit build:<recipe>` (False: run only when named, e.g. `chat:<recipe>`)
 
     def __post_init__(self):
         if self.phase not in PHASES:

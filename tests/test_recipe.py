@@ -10,7 +10,8 @@ RECIPES = ROOT / "recipes"
 
 def write(tmp_path, name, text):
     (tmp_path / "templates").mkdir(exist_ok=True)
-    (tmp_path / "templates" / "t.jinja").write_text("{{ messages }}")
+    (tmp_path / "templates" / "t.jinja").write_text(
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
     for f in ("seeds.jsonl", "p.txt"):
         (tmp_path / f).write_text("x")
     p = tmp_path / name
@@ -65,6 +66,24 @@ def test_defaults_filled(tmp_path):
     (BASE.replace('base = "builtin:tiny"\n', ''), "model.base: required key is missing"),
     (BASE + "\n[eval.suites.s2]\ntasks = ['y']\nshots = 5\n", "unknown key 'eval.suites.s2.shots'"),
     ("bogus = 1\n" + BASE, "unknown key 'bogus'"),
+    # ranges live in the schema (issue: accepted silently, or a traceback deep in TRL / PEFT / lm-eval)
+    (BASE + "\n[sft]\nbatch_size = -4\n", "sft.batch_size: expected >= 1, got -4"),
+    (BASE + "\n[sft.lora]\nr = 0\n", "sft.lora.r: expected >= 1, got 0"),
+    (BASE + "\n[sft]\nlearning_rate = 0\n", "sft.learning_rate: expected > 0, got 0.0"),
+    (BASE.replace('model = "builtin:tiny"', 'model = "builtin:tiny"\ntemperature = -1'),
+     "generate.temperature: expected >= 0, <= 2, got -1.0"),
+    (BASE + "\n[eval]\nbatch_size = 0\n", "eval.batch_size: expected >= 1, got 0"),
+    (BASE.replace('tasks = ["x"]', 'tasks = ["x"]\nlimit = -5'), "eval.suites.s.limit: expected >= 0, got -5"),
+    (BASE.replace('tasks = ["x"]', 'tasks = []'), "eval.suites.s.tasks: expected at least 1 item(s), got []"),
+    (BASE + "\n[filter]\nmax_instances_per_task = 0\n", "filter.max_instances_per_task: expected >= 1, got 0"),
+    # file keys name a file (or folder) inside recipes/
+    (BASE.replace('seeds = "seeds.jsonl"', 'seeds = "templates"'), "generate.seeds: 'templates' is a folder; "
+                                                                    "expected a file"),
+    (BASE.replace('seeds = "seeds.jsonl"', 'seeds = "../../../../etc/passwd"'), "generate.seeds: "
+                                                                                "'../../../../etc/passwd' is outside"),
+    (BASE.replace('seeds = "seeds.jsonl"', 'seeds = "/etc/passwd"'), "generate.seeds: '/etc/passwd' is outside"),
+    (BASE.replace('tasks = ["x"]', 'tasks = ["x"]\ninclude_path = "/tmp"'), "eval.suites.s.include_path: '/tmp' is "
+                                                                            "outside"),
     ("[model\n", "not valid TOML"),
 ])
 def test_bad_recipes_name_file_and_key(tmp_path, edit, message):
@@ -80,6 +99,27 @@ def test_broken_chat_template_is_a_recipe_error(tmp_path):
     (tmp_path / "templates" / "t.jinja").write_text("{% for m in messages %}")
     with pytest.raises(RecipeError, match=r"model.chat_template: .*t.jinja is not a valid Jinja template"):
         load_recipe(path, tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", "has no add_generation_prompt branch"),
+    ("hello{% if add_generation_prompt %}A:{% endif %}", "never reads `messages`"),
+])
+def test_chat_templates_that_would_prompt_wrongly_are_refused(tmp_path, text, message):
+    path = write(tmp_path, "a.toml", BASE)
+    (tmp_path / "templates" / "t.jinja").write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, tmp_path)
+
+
+def test_a_non_utf8_chat_template_and_an_empty_recipes_folder_are_one_line(tmp_path):
+    path = write(tmp_path, "a.toml", BASE)
+    (tmp_path / "templates" / "t.jinja").write_bytes(b"{{ messages }} \xff\xfe")
+    with pytest.raises(RecipeError, match=r"model.chat_template: .*t.jinja is not UTF-8 text \(byte 15\)"):
+        load_recipe(path, tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match="no recipes"):
+        load_recipes(tmp_path / "empty")
 
 
 def test_extends_overrides_and_detects_cycles(tmp_path):
@@ -118,3 +158,11 @@ def test_shipped_mmlu_categories_cover_57_subjects_in_4_categories():
     mapping = json.loads(path.read_text())
     assert len(mapping) == 57 and set(mapping.values()) == {"STEM", "Humanities", "Social Sciences", "Other"}
     assert mapping["mmlu_abstract_algebra"] == "STEM" and mapping["mmlu_world_religions"] == "Humanities"
+
+
+def test_the_recipe_reference_is_generated_from_the_schema():
+    from pipeline.recipe import reference
+
+    assert (RECIPES / "REFERENCE.md").read_text(encoding="utf-8") == reference(), \
+        "recipes/REFERENCE.md is out of date: python -m pipeline.recipe > recipes/REFERENCE.md"
+    assert "| `sft.batch_size` | integer | `4` | >= 1 |" in reference()
