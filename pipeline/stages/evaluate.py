@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
@@ -44,6 +45,72 @@ def tasks(plan):
                             doc=f"{suite} on the {role} model of {plan.name}")
 
 
+def _yaml_loader():
+    """A safe YAML loader that accepts lm-eval's `!function` (and any other) tags without running anything."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    return Loader
+
+
+def check_local_suite(folder: Path) -> None:
+    """Before lm-eval runs: every task YAML under `folder` parses, names data files that exist, whose JSON Lines
+    parse and hold the fields `doc_to_target` reads. Each problem is one line naming the file (and line)."""
+    import yaml
+
+    loader = _yaml_loader()
+    for path in sorted(Path(folder).rglob("*.yaml")):
+        try:
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        except UnicodeDecodeError as e:
+            raise TunebuildError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise TunebuildError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        if not isinstance(doc, dict):
+            continue
+        files = ((doc.get("dataset_kwargs") or {}).get("data_files")) if isinstance(doc.get("dataset_kwargs"), dict) \
+            else None
+        if isinstance(files, str):
+            files = [files]
+        elif isinstance(files, dict):
+            files = [f for v in files.values() for f in ([v] if isinstance(v, str) else v or [])]
+        target = doc.get("doc_to_target")
+        fields = re.findall(r"{{\s*([A-Za-z_]\w*)\s*}}", target) if isinstance(target, str) else []
+        for rel in files or []:
+            data = Path(folder) / rel
+            if not data.is_file():
+                raise TunebuildError(f"{path}: data file '{rel}' does not exist (data_files are relative to {folder})")
+            if data.suffix in (".jsonl", ".json"):
+                _check_jsonl(data, fields, path.name)
+
+
+def _check_jsonl(data: Path, fields: list[str], task_file: str) -> None:
+    try:
+        lines = data.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise TunebuildError(f"{data}: not UTF-8 text (byte {e.start})") from None
+    if data.suffix == ".json" and lines and lines[0].lstrip().startswith("["):
+        return
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise TunebuildError(f"{data}:{n}: not valid JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise TunebuildError(f"{data}:{n}: expected a JSON object per line")
+        for field in fields:
+            if row.get(field) is None:
+                raise TunebuildError(f"{data}:{n}: {field}: missing (the answer that {task_file}'s doc_to_target "
+                                     f"reads)")
+
+
 def _relative(obj, root: str):
     """lm-eval's resolved task configs name their YAML by absolute path (metadata.config_source): make every
     path under the project root relative, so artifacts and eval-config digests do not depend on the folder."""
@@ -68,6 +135,8 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
 
     from pipeline.hf import device, ensure_available, package_versions
 
+    if include_path:
+        check_local_suite(Path(include_path))
     ensure_available(str(model))
     dev = device() if config["device"] == "auto" else config["device"]
     manager = None

@@ -57,21 +57,43 @@ def tasks(plan):
 
 
 def read_seeds(path: Path) -> list[dict]:
-    seeds = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    """Self-instruct seed tasks, one JSON object per line: id, instruction, instances [{input, output}],
+    is_classification. Ids must be unique."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+        raise TunebuildError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    if text.lstrip().startswith("["):
+        raise TunebuildError(f"{path}: a JSON list; seeds are self-instruct JSONL (one task per line: id, "
+                             f"instruction, instances, is_classification). To train on an instruction dataset such "
+                             f"as Alpaca's, import it instead: [data.<name>] source = \"{Path(path).name}\"")
+    seeds, ids = [], {}
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             task = json.loads(line)
         except ValueError as e:
             raise TunebuildError(f"{path}:{n}: not valid JSON: {e}") from None
-        for key, kind in (("instruction", str), ("instances", list), ("is_classification", bool)):
+        if not isinstance(task, dict):
+            raise TunebuildError(f"{path}:{n}: expected a JSON object (a seed task), got {type(task).__name__}")
+        if not isinstance(task.get("id"), (str, int)) or isinstance(task.get("id"), bool):
+            raise TunebuildError(f"{path}:{n}: id: missing (each seed task needs a unique string or integer id)")
+        for key, kind, what in (("instruction", str, "a string"), ("instances", list, "a list"),
+                                ("is_classification", bool, "true or false")):
             if not isinstance(task.get(key), kind):
-                raise TunebuildError(f"{path}:{n}: key '{key}' missing or not {kind.__name__}")
-        for inst in task["instances"]:
+                raise TunebuildError(f"{path}:{n}: {key}: missing or not {what}")
+        if not task["instruction"].strip():
+            raise TunebuildError(f"{path}:{n}: instruction: expected a non-empty string")
+        if str(task["id"]) in ids:
+            raise TunebuildError(f"{path}:{n}: id: {task['id']!r} is also the id of line {ids[str(task['id'])]}; "
+                                 f"seed ids must be unique")
+        ids[str(task["id"])] = n
+        for k, inst in enumerate(task["instances"]):
             if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) \
                     or not isinstance(inst.get("output"), str):
-                raise TunebuildError(f"{path}:{n}: every instance needs string 'input' and 'output'")
+                raise TunebuildError(f"{path}:{n}: instances[{k}]: expected {{input: string, output: string}}")
         seeds.append(task)
     if not seeds:
         raise TunebuildError(f"{path}: no seed tasks")
@@ -217,6 +239,9 @@ def generate(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, 
              instance_prompt: Path | None = None, instance_prompt_output_first: Path | None = None) -> dict:
     """Grow the seed tasks into machine tasks with instances. `client` is a `pipeline.llm.Client`."""
     seed_tasks = read_seeds(seeds)
+    if len(seed_tasks) < config["num_prompt_instructions"]:
+        raise TunebuildError(f"generate.num_prompt_instructions: {config['num_prompt_instructions']} in-context "
+                             f"tasks per request, but {seeds} holds only {len(seed_tasks)} seed task(s)")
     if config["style"] == "alpaca":
         known = {re.sub(r"\s+", " ", t["instruction"]).strip().lower() for t in seed_tasks}
         machine_tasks, requests, parsed, stop_reason = _alpaca_tasks(

@@ -61,16 +61,23 @@ def run(out_dir: Path, *, model: str, data: dict, chat_template: Path, config: d
     tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
     lm.eval()
     limit = getattr(lm.config, "max_position_embeddings", 4096)
-    samples, total_nll, total_tokens = [], 0.0, 0
+    samples, total_nll, total_tokens, too_long = [], 0.0, 0, 0
     for i, r in enumerate(records):
-        prompt_ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
-                                             return_dict=False)
-        full_ids = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)
-        full_ids = full_ids[:limit]
+        try:
+            prompt_ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+            full_ids = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)
+        except Exception as e:  # jinja2's UndefinedError, raise_exception() in the template, ...
+            raise TunebuildError(f"{chat_template}: the chat template fails on held-out conversation {i + 1}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         start = len(prompt_ids)
         if full_ids[:start] != prompt_ids or start >= len(full_ids):
             raise TunebuildError(f"{chat_template}: rendering a conversation does not extend its prompt "
                                  "(the template must render the prompt as a prefix)")
+        if start >= limit:  # no response token fits in the model's context
+            too_long += 1
+            continue
+        full_ids = full_ids[:limit]
         ids = torch.tensor([full_ids], device=lm.device)
         with torch.no_grad():
             logits = lm(ids).logits[0, :-1].float()
@@ -81,6 +88,11 @@ def run(out_dir: Path, *, model: str, data: dict, chat_template: Path, config: d
         total_tokens += n_tok
         samples.append({"doc_id": i, "task_id": r.get("task_id"), "tokens": n_tok,
                         "loss": round(item_nll / n_tok, 6)})
+    if not samples:
+        raise TunebuildError(f"every held-out prompt is longer than the model's context ({limit} tokens)")
+    if too_long:
+        print(f"heldout: {too_long} of {len(records)} held-out prompts are longer than the model's context "
+              f"({limit} tokens) and were skipped", flush=True)
     loss = total_nll / total_tokens
     per_item = [s["loss"] for s in samples]
     mean = sum(per_item) / len(per_item)
@@ -88,11 +100,11 @@ def run(out_dir: Path, *, model: str, data: dict, chat_template: Path, config: d
     stderr = sd / math.sqrt(len(per_item))
     metrics = [
         {"task": "heldout", "subject": "", "metric": "loss", "filter": "", "value": round(loss, 6),
-         "stderr": round(stderr, 6), "n": len(records)},
+         "stderr": round(stderr, 6), "n": len(samples)},
         {"task": "heldout", "subject": "", "metric": "perplexity", "filter": "", "value": round(math.exp(loss), 6),
-         "stderr": None, "n": len(records)},
+         "stderr": None, "n": len(samples)},
     ]
-    result = {"eval_config": {"heldout_max_items": config["heldout_max_items"],
+    result = {"skipped_too_long": too_long, "eval_config": {"heldout_max_items": config["heldout_max_items"],
                               "chat_template": tok.chat_template}, "metrics": metrics, "packages": package_versions(),
               "higher_is_better": {"heldout": {"loss": False, "perplexity": False}}}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

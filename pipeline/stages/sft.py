@@ -112,6 +112,9 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
                 if full[: len(upto)] != upto or start > len(upto):
                     raise TunebuildError(f"{template}: rendering a conversation does not extend its earlier turns "
                                          f"(the template must render each turn as a prefix of the next)")
+                if len(upto) == start:
+                    raise TunebuildError(f"{template}: the chat template renders nothing for an assistant turn "
+                                         f"(training conversation {n + 1}): there would be nothing to learn")
                 mask[start:len(upto)] = [1] * (len(upto) - start)
         except TunebuildError:
             raise
@@ -127,6 +130,19 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
         rows.append({"input_ids": full, "completion_mask": mask})
     counts = {"examples": len(conversations), "kept": len(rows), "truncated": truncated, "dropped": dropped}
     return rows, counts
+
+
+def check_target_modules(model, targets: list[str], base_ref: str) -> None:
+    """Every `sft.lora.target_modules` entry names modules of the model (PEFT matches by name suffix); else one line
+    listing the linear layers the model has."""
+    import torch
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise TunebuildError(f"sft.lora.target_modules: {', '.join(map(repr, missing))} match(es) no module of "
+                             f"{base_ref}; its linear layers are named {', '.join(linear)}")
 
 
 def _precision(setting: str) -> str:
@@ -180,6 +196,7 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, data: dict, chat_templ
             bf16=precision == "bfloat16", fp16=precision == "float16", save_strategy="no", report_to="none",
             dataloader_num_workers=0, disable_tqdm=False,
         )
+        check_target_modules(model, c["lora"]["target_modules"], base_ref)
         lora = LoraConfig(r=c["lora"]["r"], lora_alpha=c["lora"]["alpha"], lora_dropout=c["lora"]["dropout"],
                           target_modules=c["lora"]["target_modules"], task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
