@@ -183,7 +183,8 @@ class Gc(DoitCmdBase):
         try:
             keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
                     if Path(t).name == MANIFEST}
-            keep_files = {p.resolve() for p in (DB, LEDGER, ARTIFACTS / ".doit.sqlite", TASKS_CACHE)}
+            keep_files = {p.resolve() for p in (DB, LEDGER, ARTIFACTS / ".doit.sqlite", TASKS_CACHE,
+                                                ARTIFACTS / ".lock")}
             reached_keys = set()
             for task in self.task_list:
                 for action in task.actions:

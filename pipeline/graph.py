@@ -343,8 +343,12 @@ def creators(root: Path) -> dict:
     pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached."""
     import os
     import pickle
+    import sys
+
+    from pipeline.store import hold_checkout
 
     root = Path(root)
+    hold_checkout(root / ARTIFACTS, sys.argv[1:])
     cache = root / TASKS_CACHE
     key = _fingerprint(root)
     table = None

@@ -121,9 +121,60 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copy2(src / MANIFEST, dst / MANIFEST)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _remove_stale_temps(final: Path) -> None:
+    """Remove temporary siblings left by killed runs; never those of a process that is still running."""
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# doit commands that only read: they never wait for the checkout lock
+READ_ONLY_COMMANDS = {"list", "info", "help", "why", "dumpdb", "tabcompletion", "strace"}
+DOIT_COMMANDS = READ_ONLY_COMMANDS | {"run", "clean", "forget", "ignore", "reset-dep", "gc", "auto"}
+_CHECKOUT_LOCK = None  # the open lock file, held for the life of this doit process (and its forked workers)
+
+
+def _command(argv: list[str]) -> str:
+    return next((a for a in argv if a in DOIT_COMMANDS), "run")
+
+
+def hold_checkout(artifacts: Path, argv: list[str]) -> None:
+    """One doit that builds per checkout: a second one waits for the first, saying so in one line.
+
+    Two builds at once would fight over doit's SQLite state and the artifacts; read-only commands (list, info,
+    why, ...) never wait. The lock is `artifacts/.lock` (fcntl), released when the process ends, however it ends."""
+    global _CHECKOUT_LOCK
+    import sys
+
+    if _CHECKOUT_LOCK is not None or _command(argv) in READ_ONLY_COMMANDS:
+        return
+    artifacts.mkdir(parents=True, exist_ok=True)
+    lock = open(artifacts / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        print(f"tunebuild: waiting for {holder} to finish: one build at a time in this checkout (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"doit {' '.join(argv)} (pid {os.getpid()})")
+    lock.flush()
+    _CHECKOUT_LOCK = lock
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
