@@ -19,39 +19,45 @@ def save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def similarity_histogram(path: Path, kept: list[float | None], dropped: list[float], *, threshold: float,
-                         floor: float, title: str) -> dict:
-    """Histogram of each instruction's highest ROUGE-L against the texts before it. Scores at or below
-    `floor` were not computed exactly and share one bar. Returns the counts that were drawn."""
+def similarity_histogram(path: Path, histogram: dict, *, threshold: float, title: str) -> None:
+    """Histogram of each instruction's highest ROUGE-L against the texts before it, from `pipeline.rouge.dedup`'s
+    `histogram` dict: kept (blue) and dropped (red) per bin, stacked. Bins whose kept count is a sampled estimate
+    are drawn lighter and hatched, with ±1 standard error, and the legend gives the sample size and seed."""
     plt = _pyplot()
-    width = 0.05
-    edges = [floor]
-    while edges[-1] < 1.0 - 1e-9:
-        edges.append(min(1.0, round(edges[-1] + width, 10)))
-    low_kept = sum(1 for s in kept if s is None)
-    above_kept = [s for s in kept if s is not None]
-
-    def counts(values):
-        out = [0] * (len(edges) - 1)
-        for v in values:
-            i = next((k for k in range(len(edges) - 1) if v <= edges[k + 1]), len(edges) - 2)
-            out[i] += 1
-        return out
-
-    kc, dc = counts(above_kept), counts(dropped)
+    bins = histogram["bins"]
+    lo = [b["lo"] for b in bins]
+    width = [b["hi"] - b["lo"] for b in bins]
+    kept = [b["kept"] for b in bins]
+    est = histogram.get("estimate")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([floor - width / 2], [low_kept], width=width * 0.9, color="#9ecae1", label=f"kept, at most {floor:.2f}")
-    mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-    ax.bar(mids, kc, width=width * 0.9, color="#3182bd", label="kept")
-    ax.bar(mids, dc, width=width * 0.9, bottom=kc, color="#de2d26", label="dropped")
+    exact = [i for i, b in enumerate(bins) if b["exact"]]
+    guess = [i for i, b in enumerate(bins) if not b["exact"]]
+
+    def pick(values, idx):
+        return [values[i] for i in idx]
+
+    ax.bar(pick(lo, exact), pick(kept, exact), width=[w * 0.9 for w in pick(width, exact)], align="edge",
+           color="#3182bd", label="kept (exact)" if any(pick(kept, exact)) else None)
+    if guess:
+        label = "kept, sampled estimate"
+        if est:
+            label += f" ({est['sample']:,} of {est['population']:,} scored, seed {est['seed']}; ±1 s.e.)"
+        ax.bar(pick(lo, guess), pick(kept, guess), width=[w * 0.9 for w in pick(width, guess)], align="edge",
+               color="#c6dbef", edgecolor="#3182bd", hatch="///", linewidth=0.6, label=label)
+        ax.errorbar([lo[i] + width[i] * 0.45 for i in guess], pick(kept, guess),
+                    yerr=[bins[i].get("kept_stderr", 0.0) for i in guess], fmt="none", ecolor="#08306b",
+                    elinewidth=0.8, capsize=2)
+    ax.bar(lo, [b["dropped"] for b in bins], width=[w * 0.9 for w in width], align="edge", bottom=kept,
+           color="#de2d26", label="dropped (exact)")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax.set_xlabel("highest ROUGE-L F against earlier instructions")
+    ax.set_xlim(0, 1)
+    top = max([b["kept"] + b.get("kept_stderr", 0.0) for b in bins] + [b["kept"] + b["dropped"] for b in bins] + [1])
+    ax.set_ylim(0, top * 1.08)
+    ax.set_xlabel("highest ROUGE-L F against the earlier kept instructions")
     ax.set_ylabel("instructions")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
     save(fig, path)
-    return {"floor": floor, "at_most_floor": low_kept,
-            "bins": [{"upper": b, "kept": k, "dropped": d} for b, k, d in zip(edges[1:], kc, dc)]}
 
 
 def bar_chart(path: Path, labels: list[str], series: dict[str, list[float]], *, title: str, ylabel: str,

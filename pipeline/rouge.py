@@ -7,6 +7,11 @@
 - Scores: rapidfuzz's bit-parallel LCS on the survivors, and rouge-score's F-measure formula in float64, so every
   comparison with the threshold is the one rouge-score makes (ties included).
 
+`dedup` gives the decisions with the evidence the filter stage reports: each dropped candidate's match and a
+histogram of the score the rule compares (exact above the threshold, where it comes with the decisions; below
+it a fixed-seed sample of the kept candidates scored exactly against everything before them, labelled as an
+estimate), at a small fraction of the cost of computing every score down to a floor.
+
 `tokenizer="auto"` splits texts containing CJK characters per character (as rouge-chinese does); rouge-score's
 tokenizer keeps only [a-z0-9] and would score every Chinese pair 0.
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -86,10 +93,16 @@ class _Texts:
     """
 
     def __init__(self, texts: list[str], tokenizer: str, threshold: float, ell: int = 2):
-        vocab: dict[str, int] = {}
-        seqs = [[vocab.setdefault(t, len(vocab)) for t in tokenize(x, tokenizer)] for x in texts]
+        seqs = [tokenize(x, tokenizer) for x in texts]
         self.lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        tokens = np.fromiter((t for q in seqs for t in q), dtype=np.int64, count=int(self.lens.sum()))
+        flat = list(chain.from_iterable(seqs))
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(flat))}
+        tokens = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
+        # ids by decreasing frequency: rapidfuzz looks code points below 256 up in an array (faster than its
+        # hash map), and most tokens are frequent ones
+        by_freq = np.empty(len(vocab), dtype=np.int64)
+        by_freq[np.argsort(-np.bincount(tokens, minlength=len(vocab)), kind="stable")] = np.arange(len(vocab))
+        tokens = by_freq[tokens]
         # token ids as one code point each (skipping surrogates), so rapidfuzz runs its bit-parallel LCS
         codes = np.where(tokens < 0xD800, tokens, tokens + 0x800).astype("<u4").tobytes()
         ends = np.cumsum(self.lens) * 4
@@ -102,19 +115,29 @@ class _Texts:
         self.ell = ell
 
         # elements (token, k-th occurrence in its text), ranked rarest first, each text's ranks sorted
+        n_vocab = max(len(vocab), 1)
         rows = np.repeat(np.arange(len(seqs)), self.lens)
-        order = np.lexsort((tokens, rows))
-        rows, tokens = rows[order], tokens[order]
-        start = np.r_[0, np.flatnonzero((rows[1:] != rows[:-1]) | (tokens[1:] != tokens[:-1])) + 1]
+        key = np.sort(rows * n_vocab + tokens)  # each text's tokens sorted (the rows already are)
+        tokens = key % n_vocab
+        start = np.r_[0, np.flatnonzero(key[1:] != key[:-1]) + 1]
         run = np.repeat(start, np.diff(np.r_[start, len(tokens)]))
         occurrence = np.arange(len(tokens)) - run
-        element = tokens * (int(occurrence.max(initial=0)) + 1) + occurrence
-        uniq, inverse, freq = np.unique(element, return_inverse=True, return_counts=True)
+        n_occ = int(occurrence.max(initial=0)) + 1
+        element = tokens * n_occ + occurrence
+        if n_vocab * n_occ <= max(2 * len(element), 1 << 20):  # a table over every element id (no sort)
+            freq_of = np.bincount(element, minlength=n_vocab * n_occ)
+            uniq = np.flatnonzero(freq_of)
+            freq = freq_of[uniq]
+            index_of = np.empty(n_vocab * n_occ, dtype=np.int64)
+            index_of[uniq] = np.arange(len(uniq))
+            inverse = index_of[element]
+        else:
+            uniq, inverse, freq = np.unique(element, return_inverse=True, return_counts=True)
         rank_of = np.empty(len(uniq), dtype=np.int64)
         rank_of[np.lexsort((uniq, freq))] = np.arange(len(uniq))
-        ranks = rank_of[inverse]
-        order = np.lexsort((ranks, rows))
-        self._rows, self._ranks, self._width = rows[order], ranks[order], max(len(uniq), 1)
+        self._width = max(len(uniq), 1)
+        key = np.sort(rows * self._width + rank_of[inverse])  # each text's ranks sorted
+        self._rows, self._ranks = rows, key % self._width
         self._pos = np.arange(len(self._rows)) - np.repeat(np.cumsum(self.lens) - self.lens, self.lens)
         self.prefix_short = self._prefixes(self.alpha_short)
         self.prefix_long = self._prefixes(self.alpha_long)
@@ -175,35 +198,25 @@ class _Texts:
         return [(q[which == i], o[which == i], f[which == i]) for i in range(len(requests))]
 
 
-def novel_mask(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default") -> list[bool]:
-    """True where a candidate is kept by the greedy rule: its ROUGE-L F-measure against every text in `pool`
-    and every earlier kept candidate is not above `threshold`."""
-    return [kept for kept, _, _ in filter_with_reasons(candidates, pool, threshold, tokenizer)]
-
-
-def filter_with_reasons(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default",
-                        floor: float | None = None, block: int = 2048):
-    """Like `novel_mask`, with the evidence: a list of (kept, most_similar_kept_text, score) per candidate.
-
-    `score` is the highest ROUGE-L F-measure against the pool and the candidates kept before it, exact when
-    it is above `floor` (default: the threshold), else None ("at most `floor`"); a dropped candidate's score
-    is always above the threshold and comes with the kept text it matched (the first such on ties).
-    Candidates go in blocks: each block is compared with everything kept before it in one sparse product,
-    then with itself, and the greedy rule is applied in order.
-    """
+def _check(threshold: float, tokenizer: str) -> None:
     if tokenizer not in ("default", "auto"):
         raise ValueError(f"tokenizer must be 'default' or 'auto', got {tokenizer!r}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
-    floor = threshold if floor is None else min(floor, threshold)
-    pool, candidates = list(pool), list(candidates)
-    texts = pool + candidates
+
+
+def _decide(texts: list[str], n_pool: int, threshold: float, tokenizer: str, floor: float, block: int):
+    """The greedy rule over `texts` (the first `n_pool` kept as given). Returns the corpus, the kept mask, and per
+    text the best kept text before it (-1 if none above `floor`) and that score (-1.0 if none above `floor`).
+
+    Candidates go in blocks: each block is compared with everything kept before it in one sparse product, then
+    with itself, and the greedy rule is applied in order."""
     corpus = _Texts(texts, tokenizer, floor)
     kept = np.zeros(len(texts), dtype=bool)
-    kept[: len(pool)] = True
+    kept[:n_pool] = True
     best_o = np.full(len(texts), -1, dtype=np.int64)
     best_f = np.full(len(texts), -1.0)
-    for start in range(len(pool), len(texts), block):
+    for start in range(n_pool, len(texts), block):
         ids = np.arange(start, min(start + block, len(texts)))
         # against everything kept before the block (best per query, ties to the earliest kept text), and
         # within the block
@@ -227,6 +240,192 @@ def filter_with_reasons(candidates, pool=(), threshold: float = 0.7, tokenizer: 
                     bo, bf = j, s
             best_o[i], best_f[i] = bo, bf
             kept[i] = bf <= threshold
+    return corpus, kept, best_o, best_f
+
+
+def novel_mask(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default") -> list[bool]:
+    """True where a candidate is kept by the greedy rule: its ROUGE-L F-measure against every text in `pool`
+    and every earlier kept candidate is not above `threshold`."""
+    _check(threshold, tokenizer)
+    pool = list(pool)
+    _, kept, _, _ = _decide(pool + list(candidates), len(pool), threshold, tokenizer, threshold, 2048)
+    return kept[len(pool):].tolist()
+
+
+def filter_with_reasons(candidates, pool=(), threshold: float = 0.7, tokenizer: str = "default",
+                        floor: float | None = None, block: int = 2048):
+    """Like `novel_mask`, with the evidence: a list of (kept, most_similar_kept_text, score) per candidate.
+
+    `score` is the highest ROUGE-L F-measure against the pool and the candidates kept before it, exact when
+    it is above `floor` (default: the threshold), else None ("at most `floor`"); a dropped candidate's score
+    is always above the threshold and comes with the kept text it matched (the first such on ties).
+    A `floor` below the threshold costs many times the decisions; `dedup` gives the same decisions with a
+    histogram of these scores at a fraction of that cost.
+    """
+    _check(threshold, tokenizer)
+    floor = threshold if floor is None else min(floor, threshold)
+    pool = list(pool)
+    texts = pool + list(candidates)
+    _, kept, best_o, best_f = _decide(texts, len(pool), threshold, tokenizer, floor, block)
     return [(True, None, bf if bf > floor else None) if k else (False, texts[bo], bf)
             for k, bo, bf in zip(kept[len(pool):].tolist(), best_o[len(pool):].tolist(),
                                  best_f[len(pool):].tolist())]
+
+
+def _best_before(corpus: _Texts, kept: np.ndarray, queries: np.ndarray, pairs_per_call: int = 1 << 22):
+    """Exact: each query's highest ROUGE-L F against the kept texts with a smaller id (0.0 if there are none),
+    the float64 number rouge-score computes. `queries`: kept ids, sorted ascending.
+
+    Every (query, earlier kept text) pair is scored, a few queries against all earlier kept texts per
+    multi-threaded rapidfuzz call, so the cost is len(queries) x the kept texts: meant for a sample. rapidfuzz's
+    normalized Indel similarity is 2·lcs/(n+m), the F-measure, in float32; the pairs within float32 rounding of
+    each query's best get their exact LCS (recovered from it) and rouge-score's float64 formula, so ties and bin
+    edges come out as rouge-score has them."""
+    from rapidfuzz.distance import LCSseq, Indel
+    from rapidfuzz.process import cdist, cpdist
+
+    others = np.flatnonzero(kept)
+    lens, strs = corpus.lens, corpus.strs
+    qpos = np.searchsorted(others, queries)  # the texts before query r are others[:qpos[r]]
+    best = np.zeros(len(queries))
+    todo = np.flatnonzero((lens[queries] > 0) & (qpos > 0))  # no tokens or nothing before: 0, as rouge-score
+    start = 0
+    while start < len(todo):
+        # as many queries as fit in the pair budget against the kept texts before the last of them, with at most
+        # about an eighth more texts before the last than before the first (the pairs scored for nothing)
+        stop, first = start + 1, int(qpos[todo[start]])
+        while stop < len(todo) and (stop + 1 - start) * int(qpos[todo[stop]]) <= pairs_per_call \
+                and qpos[todo[stop]] <= first + first // 8 + 256:
+            stop += 1
+        rows = todo[start:stop]
+        start = stop
+        qp, q = qpos[rows], queries[rows]
+        sim = cdist(strs[q].tolist(), strs[others[: qp[-1]]].tolist(), scorer=Indel.normalized_similarity,
+                    dtype=np.float32, workers=-1)
+        # only the texts before each query: the columns from the first query's bound on are masked row by row
+        tail = sim[:, qp[0]:]
+        tail[np.arange(qp[0], qp[-1])[None, :] >= qp[:, None]] = 0
+        top = sim.max(axis=1)
+        r, c = np.nonzero(sim >= np.where(top > 0, top * (1 - 1e-5), np.inf)[:, None])
+        if not len(r):
+            continue
+        o = others[c]
+        total = lens[q[r]] + lens[o]
+        if total.max() < 1 << 22:
+            # the Indel distance n+m−2·lcs is an integer and float32 is within 2^-25 of 1 − it/(n+m)
+            x = (total - np.rint((1.0 - sim[r, c].astype(np.float64)) * total)) / 2
+        else:
+            x = cpdist(strs[q[r]].tolist(), strs[o].tolist(), scorer=LCSseq.similarity, dtype=np.int64,
+                       workers=-1).astype(np.float64)
+        precision, recall = x / lens[o], x / lens[q[r]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = np.where(x > 0, 2 * precision * recall / (precision + recall), 0.0)
+        np.maximum.at(best, rows[r], f)
+    return best
+
+
+EDGES = tuple(round(k * 0.05, 10) for k in range(21))
+
+
+def _bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bins (lo, hi], the first one [0, hi]."""
+    return np.clip(np.searchsorted(edges, values, side="left") - 1, 0, len(edges) - 2)
+
+
+def _apportion(counts: np.ndarray, total: int) -> list[int]:
+    """Integers proportional to `counts` summing to `total` (largest remainder, ties to the lower bin)."""
+    if total == 0 or counts.sum() == 0:
+        return [0] * len(counts)
+    share = counts * total / counts.sum()
+    out = np.floor(share).astype(np.int64)
+    order = np.lexsort((np.arange(len(share)), -(share - out)))
+    out[order[: total - int(out.sum())]] += 1
+    return out.tolist()
+
+
+def _histogram(threshold: float, dropped_best: np.ndarray, sampled_best: np.ndarray,
+               n_kept: int, seed: int, sample: int) -> dict:
+    edges = np.array(sorted(set(EDGES) | {float(threshold)}))  # the threshold itself: kept ≤ it < dropped
+    n_bins = len(edges) - 1
+    dropped = np.bincount(_bin(dropped_best, edges), minlength=n_bins)
+    sampled = np.bincount(_bin(sampled_best, edges), minlength=n_bins)
+    full = len(sampled_best) == n_kept
+    # kept scores are at most the threshold: the bins above it hold none, exactly
+    holds_kept = (np.arange(n_bins) == 0) | (edges[:-1] < threshold)
+    exact = full or int(holds_kept.sum()) == 1
+    kept = sampled.tolist() if full else _apportion(sampled, n_kept)
+    bins = []
+    for k in range(n_bins):
+        b = {"lo": float(edges[k]), "hi": float(edges[k + 1]), "kept": int(kept[k]), "dropped": int(dropped[k]),
+             "exact": bool(exact or not holds_kept[k])}
+        if not b["exact"]:
+            # standard error of the scaled count (binomial, with the finite-population correction)
+            p = sampled[k] / len(sampled_best)
+            fpc = (n_kept - len(sampled_best)) / max(n_kept - 1, 1)
+            b["kept_stderr"] = round(float(n_kept * np.sqrt(p * (1 - p) / len(sampled_best) * fpc)), 2)
+        bins.append(b)
+    return {
+        "measure": "highest ROUGE-L F-measure of each candidate against the pool and the candidates kept before "
+                   "it (the score the greedy rule compares with the threshold)",
+        "threshold": float(threshold),
+        "bins": bins,
+        "edges": [float(e) for e in edges],
+        "candidates": int(n_kept + len(dropped_best)),
+        "kept": int(n_kept),
+        "dropped": int(len(dropped_best)),
+        "estimate": None if full else {
+            "what": "kept counts of the bins marked exact=false: a uniform random sample of the kept candidates, "
+                    "each scored exactly against every text before it, scaled to all kept candidates (largest "
+                    "remainder rounding, so they sum to the exact kept total); dropped counts are always exact",
+            "sample": int(len(sampled_best)), "population": int(n_kept), "seed": int(seed),
+            "requested_sample": int(sample), "sampled_counts": sampled.tolist(),
+        },
+    }
+
+
+@dataclass
+class Dedup:
+    """`dedup`'s result. `keep`: per candidate, as `novel_mask`. `match`: per candidate, for a dropped one the
+    kept text it matched and its score (the first such kept text on ties), for a kept one (None, 0.0).
+    `histogram`: JSON-serialisable histogram of each candidate's highest ROUGE-L against the texts before it
+    (see `dedup`)."""
+
+    keep: list[bool]
+    match: list[tuple[str | None, float]]
+    histogram: dict
+
+
+def dedup(candidates: list[str], pool: list[str] = (), threshold: float = 0.7, tokenizer: str = "default", *,
+          sample: int = 2000, seed: int = 0, block: int = 2048) -> Dedup:
+    """The greedy ROUGE-L filter (`novel_mask`'s decisions) with its evidence and a similarity histogram.
+
+    The histogram counts, per bin of the score the rule compares with the threshold (a candidate's highest
+    ROUGE-L F against the pool and the candidates kept before it; bins (lo, hi] of width 0.05, the threshold
+    always an edge), the kept and the dropped candidates.
+    - Above the threshold the counts are exact and free: those are the dropped candidates and their best match.
+    - At or below it (kept candidates only) scores are not computed by the filter. Up to `sample` kept
+      candidates, drawn at random with `seed` (numpy PCG64), are scored exactly against every text before them
+      and the counts scaled to all kept candidates; those bins say `"exact": false` and carry a standard error,
+      and `histogram["estimate"]` describes the sample. With at most `sample` kept candidates every one is
+      scored and every bin is exact (`"estimate": None`).
+    The sample costs `sample` x (kept texts) LCS computations, a small fraction of the decisions at Alpaca
+    scale; the same inputs give the same result, bit for bit.
+    """
+    _check(threshold, tokenizer)
+    if sample < 1:
+        raise ValueError(f"sample must be at least 1, got {sample!r}")
+    pool = list(pool)
+    texts = pool + list(candidates)
+    n_pool = len(pool)
+    corpus, kept, best_o, best_f = _decide(texts, n_pool, threshold, tokenizer, threshold, block)
+    keep = kept[n_pool:]
+    kept_ids = np.flatnonzero(keep) + n_pool
+    if len(kept_ids) > sample:
+        keys = np.random.Generator(np.random.PCG64(seed)).random(len(kept_ids))
+        kept_ids = np.sort(kept_ids[np.argsort(keys, kind="stable")[:sample]])
+    sampled_best = _best_before(corpus, kept, kept_ids)
+    dropped_best = best_f[n_pool:][~keep]
+    histogram = _histogram(threshold, dropped_best, sampled_best, int(keep.sum()), seed, sample)
+    match = [(None, 0.0) if k else (texts[o], f)
+             for k, o, f in zip(keep.tolist(), best_o[n_pool:].tolist(), best_f[n_pool:].tolist())]
+    return Dedup(keep.tolist(), match, histogram)
