@@ -173,19 +173,44 @@ class Plan:
             return ModelSource(ref, builtin_folder(ref), None)
         return ModelSource(ref, None, ref)
 
+    def artifact_model(self, ref: str, folder: Path, datasets=()) -> ModelSource:
+        """A model that is an artifact folder of this project (a trained model)."""
+        return ModelSource(ref, Path(folder), None, tuple(datasets))
+
     def models(self) -> dict[str, ModelSource]:
-        """The models a recipe evaluates, by role: `base`, the trained models (`tuned`, ...), then the extra
-        models of `[eval.models]` (`recipe:<name>` is that recipe's tuned model)."""
+        """The models a recipe evaluates, by role: `base`, each training stage's model by the stage's name (in
+        training order), then the extra models of `[eval.models]` (`recipe:<name>` is that recipe's final model)."""
+        from pipeline.recipe import train_order
+
         out = {"base": self.model(self.recipe.config["model"]["base"])}
-        for p in self.products("model"):
-            out[p.name] = ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
+        trained = {p.name: p for p in self.products("model")}
+        for name in train_order(self.recipe.config):
+            if name in trained:
+                p = trained[name]
+                out[name] = ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
         for name, mc in sorted(self.recipe.config["eval"]["models"].items()):
             ref = mc["model"]
             if ref.startswith("recipe:"):
-                out[name] = self.project.tuned_model(self.recipe, f"eval.models.{name}.model", ref[len("recipe:"):])
+                out[name] = self.project.final_model(self.recipe, f"eval.models.{name}.model", ref[len("recipe:"):])
             else:
                 out[name] = self.model(ref)
         return out
+
+    def final(self) -> str:
+        """The role of the recipe's final model: its last training stage, or `base` when it trains nothing."""
+        from pipeline.recipe import train_order
+
+        order = train_order(self.recipe.config)
+        return order[-1] if order else "base"
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The pairs of models the recipe compares: each training stage with the model it started from (base →
+        sft → dpo), then the final model with each `[eval.models]` model."""
+        from pipeline.recipe import train_order
+
+        train = self.recipe.config["train"]
+        pairs = [(train[n]["from"], n) for n in train_order(self.recipe.config)]
+        return pairs + [(self.final(), x) for x in sorted(self.recipe.config["eval"]["models"])]
 
     # -- declaring tasks --------------------------------------------------------------------------------------
     def task(self, stage: Stage, name: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
@@ -208,7 +233,7 @@ class Plan:
             "config": config, "cache": stage.cache})
         task = {"basename": stage.task_basename, "name": name, "doc": doc or stage.doc,
                 "file_dep": sorted(set(deps)), "targets": [str(out / MANIFEST)],
-                "actions": [action], "uptodate": [config_changed(config), *uptodate],
+                "actions": [action], "uptodate": [config_changed({"stage_version": stage.version, **config}), *uptodate],
                 "clean": [_clean(out)], "verbosity": stage.verbosity}
         if provides:
             kind, pname, info = provides
@@ -273,17 +298,18 @@ class Project:
         self.plans[name].walk(until)
         return self.plans[name]
 
-    def tuned_model(self, recipe: Recipe, dotted: str, other: str) -> ModelSource:
-        """Another recipe's tuned model (its last trained model), for `recipe:<name>` references."""
+    def final_model(self, recipe: Recipe, dotted: str, other: str) -> ModelSource:
+        """Another recipe's final model (its last training stage's), for `recipe:<name>` references."""
         if other not in self.by_name:
             raise RecipeError(f"{recipe.path}: {dotted}: no recipe named {other!r} "
                               f"(known: {', '.join(sorted(self.by_name))})")
         if other == recipe.name:
             raise RecipeError(f"{recipe.path}: {dotted}: a recipe cannot compare with its own tuned model")
-        models = self.plan(other, until="models").products("model")
-        if not models:
+        plan = self.plan(other, until="models")
+        final = plan.final()
+        p = plan.product("model", final)
+        if p is None:
             raise RecipeError(f"{recipe.path}: {dotted}: recipe {other!r} trains no model")
-        p = models[-1]
         return ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
 
     # -- what dodo.py exposes ---------------------------------------------------------------------------------

@@ -68,18 +68,19 @@ def load_tokenizer(ref: str, check: bool = True):
     return tok
 
 
-def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True):
-    """(model, tokenizer) on the best device; dtype 'float32' | 'bfloat16' | 'float16'."""
+def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True, **kwargs):
+    """(model, tokenizer) on the best device; dtype 'float32' | 'bfloat16' | 'float16'. Other keyword arguments go
+    to `from_pretrained` (a `quantization_config` model is placed by bitsandbytes, not moved)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     ensure_available(ref)
     tok = load_tokenizer(ref, check=False) if with_tokenizer else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as e:
         raise _unavailable(ref, e) from None
-    return model.to(device()), tok
+    return (model if "quantization_config" in kwargs else model.to(device())), tok
 
 
 def _hub_reachable() -> str | None:

@@ -78,7 +78,9 @@ SCHEMA: dict = {
     "extends": Key(str, None, doc="another recipe file (relative to this one) whose keys this one overrides"),
     "model": {
         "base": Key(str, doc="'builtin:tiny', a local model folder or a Hugging Face hub id"),
-        "chat_template": Key(str, file=True, doc="Jinja chat template used for training and saved with the model"),
+        "chat_template": Key(str, file=True, doc="Jinja chat template used for training and saved with the model: a "
+                                                 "file, or a shipped one by name: default, qwen, chatml, llama3, "
+                                                 "llama2, mistral, gemma, alpaca"),
     },
     "data": TableOf({
         "source": Key(str, doc="'generate' (self-instruct with [generate] and [filter]), a file under recipes/ "
@@ -136,29 +138,44 @@ SCHEMA: dict = {
         "max_instances_per_task": Key(int, 5, min=1),
         "heldout_fraction": Key(float, 0.1, min=0, below=1),
     },
-    "sft": {
+    "train": TableOf({
+        "method": Key(str, "sft", choices=("sft", "dpo"), doc="sft: supervised fine-tuning on conversations; "
+                                                             "dpo: direct preference optimisation on pairs"),
+        "from": Key(str, "base", doc="'base' or another [train.<name>] whose model this stage starts from"),
+        "finetuning": Key(str, "lora", choices=("lora", "qlora", "full", "freeze"),
+                          doc="lora; qlora (4-bit nf4 base, bitsandbytes); full; freeze (train only [freeze] modules)"),
         "data": Key(list, [], items=(str, dict),
-                    doc="datasets to train on: names, or tables {name, limit, weight}; empty: every SFT dataset"),
-        "max_steps": Key(int, -1, doc="-1: train num_epochs epochs"),
+                    doc="datasets to train on: names, or tables {name, limit, weight}; empty: every dataset of the "
+                        "method's kind"),
+        "max_steps": Key(int, -1, min=-1, doc="-1: train num_epochs epochs"),
         "num_epochs": Key(float, 3.0, above=0),
         "learning_rate": Key(float, 2e-4, above=0),
         "batch_size": Key(int, 4, min=1),
         "gradient_accumulation_steps": Key(int, 1, min=1),
         "max_length": Key(int, 1024, min=8),
-        "max_dropped_fraction": Key(float, 0.1, min=0, max=1, doc="fail when more training conversations than this share have "
-                                                    "no answer token within max_length"),
+        "max_dropped_fraction": Key(float, 0.1, min=0, max=1, doc="fail when more training examples than this "
+                                                                  "share have no answer token within max_length"),
         "warmup_steps": Key(int, 0, min=0),
         "lr_scheduler": Key(str, "linear"),
         "logging_steps": Key(int, 10, min=1),
         "seed": Key(int, 42),
         "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16")),
+        "beta": Key(float, 0.1, above=0, doc="dpo: strength of the KL penalty (TRL's beta)"),
+        "loss_type": Key(str, "sigmoid", choices=("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
+                                                  "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                                                  "apo_down", "discopop", "sigmoid_norm"), doc="dpo: TRL's loss_type"),
+        "precompute_ref_log_probs": Key(bool, False, doc="dpo: compute the reference log-probs once, up front"),
         "lora": {
             "r": Key(int, 8, min=1),
             "alpha": Key(int, 16, min=1),
             "dropout": Key(float, 0.05, min=0, below=1),
             "target_modules": Key(list, ["q_proj", "k_proj", "v_proj", "o_proj"], min=1),
         },
-    },
+        "freeze": {
+            "trainable_modules": Key(list, [], doc="freeze: names (suffixes) of the modules to train"),
+            "last_layers": Key(int, 0, min=0, doc="freeze: also train the last N decoder layers"),
+        },
+    }),
     "merge": {
         "dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16")),
     },
@@ -170,6 +187,8 @@ SCHEMA: dict = {
         "judge": {
             "enabled": Key(bool, False, doc="LLM-as-judge: tuned vs base answers on an instruction set"),
             "mode": Key(str, "pairwise", choices=("pairwise", "single")),
+            "reference": Key(str, "base", doc="the model the final model is judged against: 'base' or any model "
+                                              "the recipe evaluates (a training stage, an [eval.models] name)"),
             "instructions": Key(str, None, file=True, doc="JSONL: id, instruction, input (optional)"),
             "prompt": Key(str, None, file=True, doc="judge prompt: {instruction}, {answer_a}, {answer_b} "
                                                     "(pairwise) or {instruction}, {answer} (single)"),
@@ -343,9 +362,19 @@ def load_recipe(path: Path, recipes_dir: Path) -> Recipe:
     if not NAME_RE.match(name):
         raise RecipeError(f"{path}: recipe file names may hold letters, digits, '_', '.', '-' only")
     raw, files = _resolve_extends(path)
+    if "sft" in raw:
+        raise RecipeError(f"{path}: [sft] is now a training stage: rename the table to [train.sft] (method = 'sft' "
+                          f"and finetuning = 'lora' are the defaults; its keys stay the same, [sft.lora] becomes "
+                          f"[train.sft.lora])")
+    template = raw.get("model", {}).get("chat_template") if isinstance(raw.get("model"), dict) else None
+    if isinstance(template, str):
+        from pipeline.templates import resolve
+
+        raw["model"]["chat_template"] = resolve(template)  # a short name (`chatml`, `llama3`, ...) or a file
     config = _validate(raw, SCHEMA, "", path, recipes_dir)
     config.pop("extends", None)
-    _check_data(path, raw.get("data", {}), config, recipes_dir)
+    # settings that do not apply are refused where they are written (not when a parent recipe set them)
+    _check_data(path, _read_toml(path), config, recipes_dir)
     _check_semantics(path, config)
     return Recipe(name=name, path=path, files=files, config=config)
 
@@ -360,9 +389,10 @@ def is_local_source(source: str) -> bool:
     return source.lower().endswith(DATA_FILE_SUFFIXES)
 
 
-def _check_data(path: Path, raw_data: dict, c: dict, recipes_dir: Path) -> None:
+def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
     from pipeline.formats import FormatError, check_columns
 
+    raw_data = raw.get("data", {})
     for name, d in c["data"].items():
         where = f"{path}: data.{name}"
         src = d["source"]
@@ -386,25 +416,69 @@ def _check_data(path: Path, raw_data: dict, c: dict, recipes_dir: Path) -> None:
                 check_columns(d["format"], d["columns"])
             except FormatError as e:
                 raise RecipeError(f"{where}.columns: {e}") from None
-    for i, item in enumerate(c["sft"]["data"]):
-        where = f"{path}: sft.data[{i}]"
-        if isinstance(item, dict):
-            unknown = sorted(set(item) - {"name", "limit", "weight"})
-            if unknown:
-                raise RecipeError(f"{where}.{unknown[0]}: unknown key (known: name, limit, weight)")
-            if not isinstance(item.get("name"), str):
-                raise RecipeError(f"{where}.name: expected the name of a [data.<name>] table")
-            limit, weight = item.get("limit", 0), item.get("weight", 1.0)
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-                raise RecipeError(f"{where}.limit: expected 0 (all) or a positive number of examples, got {limit!r}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-                raise RecipeError(f"{where}.weight: expected a number > 0, got {weight!r}")
-            name = item["name"]
-        else:
-            name = item
-        if name not in c["data"]:
-            known = ", ".join(sorted(c["data"])) or "none"
-            raise RecipeError(f"{where}: no dataset named {name!r} (the recipe's [data.<name>] tables: {known})")
+    _check_train(path, raw.get("train", {}), c)
+
+
+DPO_ONLY = ("beta", "loss_type", "precompute_ref_log_probs")
+SFT_ONLY = ("max_dropped_fraction",)
+
+
+def _check_train(path: Path, raw_train: dict, c: dict) -> None:
+    """[train.<name>]: data names exist, `from` names an earlier stage (no cycle), each method's own keys only."""
+    stages = c["train"]
+    for name, t in stages.items():
+        where = f"{path}: train.{name}"
+        raw = raw_train.get(name, {})
+        misplaced = [k for k in (DPO_ONLY if t["method"] != "dpo" else SFT_ONLY) if k in raw]
+        if misplaced:
+            raise RecipeError(f"{where}.{misplaced[0]}: not a setting of method = '{t['method']}'")
+        if t["finetuning"] != "freeze" and "freeze" in raw:
+            raise RecipeError(f"{where}.freeze: only for finetuning = 'freeze'")
+        if t["finetuning"] not in ("lora", "qlora") and "lora" in raw:
+            raise RecipeError(f"{where}.lora: only for finetuning = 'lora' or 'qlora'")
+        if t["finetuning"] == "freeze" and not (t["freeze"]["trainable_modules"] or t["freeze"]["last_layers"]):
+            raise RecipeError(f"{where}.freeze: name the trainable_modules or the last_layers to train")
+        if t["from"] != "base" and t["from"] not in stages:
+            raise RecipeError(f"{where}.from: expected 'base' or a [train.<name>] of this recipe "
+                              f"({', '.join(sorted(stages))}), got {t['from']!r}")
+        seen, cur = [name], t["from"]
+        while cur != "base":
+            if cur in seen:
+                raise RecipeError(f"{where}.from: circular ({' <- '.join(seen + [cur])})")
+            seen.append(cur)
+            cur = stages[cur]["from"]
+        if name in ("base",) or name in c["eval"]["models"]:
+            raise RecipeError(f"{where}: a training stage may not be called {name!r} (a model of the same name exists)")
+        for i, item in enumerate(t["data"]):
+            dwhere = f"{where}.data[{i}]"
+            if isinstance(item, dict):
+                unknown = sorted(set(item) - {"name", "limit", "weight"})
+                if unknown:
+                    raise RecipeError(f"{dwhere}.{unknown[0]}: unknown key (known: name, limit, weight)")
+                if not isinstance(item.get("name"), str):
+                    raise RecipeError(f"{dwhere}.name: expected the name of a [data.<name>] table")
+                limit, weight = item.get("limit", 0), item.get("weight", 1.0)
+                if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                    raise RecipeError(f"{dwhere}.limit: expected 0 (all) or a positive number of examples, "
+                                      f"got {limit!r}")
+                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                    raise RecipeError(f"{dwhere}.weight: expected a number > 0, got {weight!r}")
+                dname = item["name"]
+            else:
+                dname = item
+            if dname not in c["data"]:
+                known = ", ".join(sorted(c["data"])) or "none"
+                raise RecipeError(f"{dwhere}: no dataset named {dname!r} (the recipe's [data.<name>] tables: "
+                                  f"{known})")
+
+
+def train_order(c: dict) -> list[str]:
+    """The training stages, each after the one it starts `from` (then by name)."""
+    stages, order = c["train"], []
+
+    def depth(n):
+        return 0 if stages[n]["from"] == "base" else 1 + depth(stages[n]["from"])
+    return sorted(stages, key=lambda n: (depth(n), n)) if stages else order
 
 
 def _check_semantics(path: Path, c: dict) -> None:

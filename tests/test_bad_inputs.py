@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT, copy_project
 from pipeline.errors import TunebuildError
-from pipeline.stages import evaluate, filter as filter_stage, generate, heldout, sft
+from pipeline import training
+from pipeline.stages import evaluate, filter as filter_stage, generate, heldout
 
 SUITE = ROOT / "recipes/evals/tb_basic"
 
@@ -83,10 +84,10 @@ def test_unknown_lora_target_modules_name_the_modules_the_model_has(tiny_model):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    sft.check_target_modules(model, ["q_proj", "down_proj"], "builtin:tiny")
+    training.check_target_modules(model, ["q_proj", "down_proj"], "builtin:tiny", "train.sft.lora.target_modules")
     with pytest.raises(TunebuildError) as e:
-        sft.check_target_modules(model, ["q_proj", "nope_proj"], "builtin:tiny")
-    assert "sft.lora.target_modules: 'nope_proj' match(es) no module of builtin:tiny" in str(e.value)
+        training.check_target_modules(model, ["q_proj", "nope_proj"], "builtin:tiny", "train.sft.lora.target_modules")
+    assert "train.sft.lora.target_modules: 'nope_proj' match(es) no module of builtin:tiny" in str(e.value)
     assert "q_proj" in str(e.value) and "gate_proj" in str(e.value)
 
 

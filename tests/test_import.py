@@ -161,10 +161,10 @@ def test_alpaca_lora_demo_builds_offline_then_rebuilds_nothing(tmp_path):
     project = copy_project(tmp_path, recipes=("alpaca_lora_demo.toml",))
     env = {"HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""}
     executed, _, out, _ = run_doit(project, "build:alpaca_lora_demo", env=env)
-    assert {"import:alpaca_lora_demo.alpaca", "sft:alpaca_lora_demo", "merge:alpaca_lora_demo",
-            "evaluate:alpaca_lora_demo.tuned.heldout", "scores:alpaca_lora_demo"} <= set(executed), out
+    assert {"import:alpaca_lora_demo.alpaca", "sft:alpaca_lora_demo.sft", "merge:alpaca_lora_demo.sft",
+            "evaluate:alpaca_lora_demo.sft.heldout", "scores:alpaca_lora_demo"} <= set(executed), out
     assert not any(t.startswith(("generate:", "filter:")) for t in executed)
-    summary = json.loads((project / "artifacts/alpaca_lora_demo/sft/train_summary.json").read_text())
+    summary = json.loads((project / "artifacts/alpaca_lora_demo/sft/sft/train_summary.json").read_text())
     data = json.loads((project / "artifacts/alpaca_lora_demo/data/alpaca/report.json").read_text())
     assert summary["examples"] == data["train_examples"] > 30 and summary["steps"] == 60
     import duckdb
@@ -172,7 +172,7 @@ def test_alpaca_lora_demo_builds_offline_then_rebuilds_nothing(tmp_path):
     loss = dict(con.execute("SELECT model, value FROM scores WHERE recipe = 'alpaca_lora_demo' "
                             "AND metric = 'loss'").fetchall())
     digests = {r[0] for r in con.execute("SELECT dataset_digest FROM scores WHERE recipe = 'alpaca_lora_demo' "
-                                         "AND model = 'tuned'").fetchall()}
-    assert loss["tuned"] < loss["base"] and len(digests) == 1 and None not in digests
+                                         "AND model = 'sft'").fetchall()}
+    assert loss["sft"] < loss["base"] and len(digests) == 1 and None not in digests
     executed, _, out, _ = run_doit(project, "build:alpaca_lora_demo", env=env)
     assert executed == [], out

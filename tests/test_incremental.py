@@ -28,7 +28,7 @@ api_key_env = "TB_TEST_KEY"
 num_instructions = 8
 max_requests = 6
 request_batch_size = 2
-[sft]
+[train.sft]
 max_steps = 3
 batch_size = 2
 max_length = 512
@@ -51,8 +51,8 @@ judge_max_items = 4
 answer_max_tokens = 12
 """
 ENV = {"TB_TEST_KEY": "test", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""}
-STAGES_T = {"generate:t.self_instruct", "filter:t.self_instruct", "sft:t", "merge:t", "evaluate:t.base.tb_basic", "evaluate:t.base.heldout",
-            "evaluate:t.tuned.tb_basic", "evaluate:t.tuned.heldout", "scores:t", "report:t"}
+STAGES_T = {"generate:t.self_instruct", "filter:t.self_instruct", "sft:t.sft", "merge:t.sft", "evaluate:t.base.tb_basic", "evaluate:t.base.heldout",
+            "evaluate:t.sft.tb_basic", "evaluate:t.sft.heldout", "scores:t", "report:t"}
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,14 @@ def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     rows = con.execute("SELECT model, suite, task, metric, value, n, model_digest, dataset_digest, "
                        "eval_config_digest, packages FROM scores WHERE recipe = 't'").fetchall()
-    assert {(r[0], r[1]) for r in rows} == {(m, s) for m in ("base", "tuned")
+    assert {(r[0], r[1]) for r in rows} == {(m, s) for m in ("base", "sft")
                                             for s in ("tb_basic", "heldout", "subjects")}
     assert {"tb_capitals_mc", "tb_arithmetic_gen", "heldout", "tb_subj_zh_math"} <= {r[2] for r in rows}
     assert all(r[6] and r[8] for r in rows)
-    assert all(r[7] for r in rows if r[0] == "tuned") and all(r[7] is None for r in rows if r[0] == "base")
+    assert all(r[7] for r in rows if r[0] == "sft") and all(r[7] is None for r in rows if r[0] == "base")
     assert json.loads(rows[0][9])["transformers"]
     loss = dict(con.execute("SELECT model, value FROM scores WHERE recipe='t' AND metric='loss'").fetchall())
-    assert loss["tuned"] != loss["base"]
+    assert loss["sft"] != loss["base"]
     cmp_rows = con.execute("SELECT count(*) FROM comparison WHERE recipe = 't' AND suite <> 'subjects'").fetchone()
     assert cmp_rows[0] == 5
     # per-document pairing, per-subject and per-category statistics, micro and macro labelled
@@ -121,19 +121,19 @@ def test_second_build_executes_nothing(project):
 def test_eval_prompt_edit_reruns_only_evaluation_and_scores(project):
     edit(project / "recipes/evals/tb_basic/tb_capitals_mc.yaml", 'doc_to_text: "Question:', 'doc_to_text: "Q:')
     executed, out, _ = doit(project, "build:t")
-    assert executed == {"evaluate:t.base.tb_basic", "evaluate:t.tuned.tb_basic", "scores:t", "report:t"}, out
+    assert executed == {"evaluate:t.base.tb_basic", "evaluate:t.sft.tb_basic", "scores:t", "report:t"}, out
 
 
 def test_eval_setting_edit_reruns_only_evaluation_and_scores(project):
     edit(project / "recipes/t.toml", "limit = 4", "limit = 3")
     executed, out, _ = doit(project, "build:t")
-    assert executed == {"evaluate:t.base.tb_basic", "evaluate:t.tuned.tb_basic", "scores:t", "report:t"}, out
+    assert executed == {"evaluate:t.base.tb_basic", "evaluate:t.sft.tb_basic", "scores:t", "report:t"}, out
 
 
 def test_chat_template_edit_retrains_but_does_not_regenerate(project):
     edit(project / "recipes/templates/qwen.jinja", "You are a helpful assistant.", "You are a careful assistant.")
     executed, out, _ = doit(project, "build:t")
-    assert {"sft:t", "merge:t", "evaluate:t.tuned.tb_basic", "evaluate:t.tuned.heldout",
+    assert {"sft:t.sft", "merge:t.sft", "evaluate:t.sft.tb_basic", "evaluate:t.sft.heldout",
             "evaluate:t.base.heldout", "scores:t", "report:t"} <= executed, out
     assert not executed & {"generate:t.self_instruct", "filter:t.self_instruct", "evaluate:t.base.tb_basic"}, out
 
@@ -143,22 +143,22 @@ def test_generation_prompt_edit_reruns_generation_and_downstream(project):
     before = prompt.read_text()
     edit(prompt, "Come up with a series of tasks:\n", "Come up with a series of tasks:\n\n")
     executed, out, _ = doit(project, "build:t")
-    assert {"generate:t.self_instruct", "filter:t.self_instruct", "sft:t", "merge:t", "evaluate:t.tuned.tb_basic"} <= executed, out
+    assert {"generate:t.self_instruct", "filter:t.self_instruct", "sft:t.sft", "merge:t.sft", "evaluate:t.sft.tb_basic"} <= executed, out
     # reverting the prompt restores every stage from the run cache instead of recomputing
     prompt.write_text(before)
     executed, out, _ = doit(project, "build:t")
     assert "generate:t.self_instruct" in executed and "generate:t.self_instruct: restored from the run cache" in out, out
-    assert "sft:t: restored from the run cache" in out
+    assert "sft:t.sft: restored from the run cache" in out
 
 
 def _tmp_folders(project, stage):
-    return list((project / "artifacts/t").glob(f".{stage}.tmp-*"))
+    return list((project / "artifacts/t" / stage).glob(f".{stage}.tmp-*"))
 
 
 def test_killed_stage_leaves_no_manifest_and_next_run_redoes_it(project):
     template = project / "recipes/templates/qwen.jinja"
     edit(template, "You are a careful assistant.", "You are a patient assistant.")
-    manifest = project / "artifacts/t/sft/manifest.json"
+    manifest = project / "artifacts/t/sft/sft/manifest.json"
     old = manifest.read_bytes()
     proc = subprocess.Popen([sys.executable, "-m", "doit", "build:t"], cwd=project, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **ENV},
@@ -172,23 +172,23 @@ def test_killed_stage_leaves_no_manifest_and_next_run_redoes_it(project):
     assert all(not (t / "manifest.json").exists() for t in _tmp_folders(project, "sft"))
     assert manifest.read_bytes() == old  # the previous finished output is untouched
     executed, out, _ = doit(project, "build:t")
-    assert "sft:t" in executed and manifest.read_bytes() != old, out
+    assert "sft:t.sft" in executed and manifest.read_bytes() != old, out
     assert not _tmp_folders(project, "sft")
 
 
 def test_failing_stage_reports_one_line_and_keeps_what_was_built(project):
     template = project / "recipes/templates/qwen.jinja"
     good = template.read_text()
-    manifest = project / "artifacts/t/sft/manifest.json"
+    manifest = project / "artifacts/t/sft/sft/manifest.json"
     old = manifest.read_bytes()
     template.write_text("{{ raise_exception('templates need a system turn') }}" + good)
     executed, out, rc = doit(project, "build:t", check=False)
-    assert rc != 0 and "sft:t" in executed and "merge:t" not in executed
-    assert "sft:t: " in out and "the chat template fails on training conversation 1: templates need a system turn" in out
+    assert rc != 0 and "sft:t.sft" in executed and "merge:t.sft" not in executed
+    assert "sft:t.sft: " in out and "the chat template fails on training conversation 1: templates need a system turn" in out
     assert manifest.read_bytes() == old and not _tmp_folders(project, "sft")
     template.write_text(good)
     executed, out, _ = doit(project, "build:t")
-    assert "sft:t" in executed, out
+    assert "sft:t.sft" in executed, out
 
 
 def test_early_cutoff_identical_filter_output_stops_the_rebuild(project):
@@ -210,7 +210,7 @@ def test_why_names_changed_keys_transitively_and_runs_nothing(project):
     assert "will run" in gen and "config temperature: 0.7 → 0.9" in gen, out
     assert any(line.startswith("filter:t.self_instruct ") and "may run" in line and "generate:t.self_instruct" in line for line in lines), out
     assert any(line.startswith("report:t ") and "may run" in line for line in lines), out
-    assert not any(line.startswith(("sft:t ", "merge:t ")) and "will run" in line for line in lines), out
+    assert not any(line.startswith(("sft:t.sft ", "merge:t.sft ")) and "will run" in line for line in lines), out
     assert (project / "artifacts/.doit.sqlite").read_bytes() == state  # nothing ran, nothing was recorded
     edit(project / "recipes/t.toml", "max_requests = 6\ntemperature = 0.9", "max_requests = 6")
     _, _, out, _ = run_doit(project, "why", "build:t", env=ENV)
@@ -233,23 +233,23 @@ def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
                                              '[eval.models.tiny]\nmodel = "builtin:tiny"\n' + JUDGE.format(url=url))
     executed, out, _ = doit(project, "build:t2")
     for stage in ("generate", "filter", "sft", "merge", "evaluate"):
-        label = {"evaluate": "evaluate:t2.tuned.heldout", "generate": "generate:t2.self_instruct",
+        label = {"evaluate": "evaluate:t2.sft.heldout", "generate": "generate:t2.self_instruct",
                  "filter": "filter:t2.self_instruct"}.get(stage, f"{stage}:t2")
         assert f"{label}: restored from the run cache" in out, out
-    assert "evaluate:t2.tuned.tb_basic: restored" not in out  # its own setting differs: computed
+    assert "evaluate:t2.sft.tb_basic: restored" not in out  # its own setting differs: computed
     # an extra model is evaluated once per (model content, suite config), whichever recipe asked first
     assert "evaluate:t2.t_tuned.subjects: restored from the run cache" in out, out
     assert "evaluate:t2.tiny.subjects: restored from the run cache" in out, out
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     pairs = con.execute("SELECT model_a, model_b, max(abs(delta)) FROM paired WHERE recipe = 't2' AND "
                         "suite = 'subjects' GROUP BY ALL").fetchall()
-    assert {(a, b) for a, b, _ in pairs} == {("base", "tuned"), ("tuned", "t_tuned"), ("tuned", "tiny")}
-    assert dict(((a, b), d) for a, b, d in pairs)[("tuned", "t_tuned")] == 0.0  # the same weights
+    assert {(a, b) for a, b, _ in pairs} == {("base", "sft"), ("sft", "t_tuned"), ("sft", "tiny")}
+    assert dict(((a, b), d) for a, b, d in pairs)[("sft", "t_tuned")] == 0.0  # the same weights
     con.close()
     report = (project / "artifacts/report/t2/comparison.md").read_text()
-    assert "tuned → t_tuned" in report
+    assert "sft → t_tuned" in report
     # the LLM judge: answers of both models, verdicts in both orders, rates in the scores and the report
-    assert {"answers:t2.base", "answers:t2.tuned", "judge:t2"} <= executed, out
+    assert {"answers:t2.base", "answers:t2.sft", "judge:t2"} <= executed, out
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     judged = dict(con.execute("SELECT metric, value FROM scores WHERE recipe = 't2' AND suite = 'judge'").fetchall())
     con.close()
@@ -262,7 +262,7 @@ def test_parallel_build_of_two_recipes_is_safe(project):
     edit(project / "recipes/t.toml", "limit = 3", "limit = 2")  # t and t2 now both evaluate with limit 2
     edit(project / "recipes/evals/tb_basic/tb_capitals_mc.yaml", 'doc_to_text: "Q:', 'doc_to_text: "Question:')
     executed, out, rc = doit(project, "-n", "2", "build:t", "build:t2")
-    assert {"scores:t", "scores:t2", "evaluate:t.tuned.tb_basic", "evaluate:t2.tuned.tb_basic"} <= executed, out
+    assert {"scores:t", "scores:t2", "evaluate:t.sft.tb_basic", "evaluate:t2.sft.tb_basic"} <= executed, out
     assert "locked" not in out.lower() and "Traceback" not in out, out
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     assert {r[0] for r in con.execute("SELECT DISTINCT recipe FROM scores").fetchall()} >= {"t", "t2"}

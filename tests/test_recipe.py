@@ -58,8 +58,14 @@ def test_defaults_filled(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (BASE.replace("[filter]", "") + "\n[filter]\nrouge_treshold = 0.5\n", "unknown key 'filter.rouge_treshold'"),
-    (BASE + "\n[sft]\nlearning_rate = 'fast'\n", "sft.learning_rate: expected a number, got 'fast'"),
-    (BASE + "\n[sft]\nmax_steps = true\n", "sft.max_steps: expected an integer, got True"),
+    (BASE + "\n[train.sft]\nlearning_rate = 'fast'\n", "train.sft.learning_rate: expected a number, got 'fast'"),
+    (BASE + "\n[train.sft]\nmax_steps = true\n", "train.sft.max_steps: expected an integer, got True"),
+    (BASE + "\n[sft]\nmax_steps = 3\n", "[sft] is now a training stage: rename the table to [train.sft]"),
+    (BASE + "\n[train.sft]\nbeta = 0.2\n", "train.sft.beta: not a setting of method = 'sft'"),
+    (BASE + "\n[train.dpo]\nmethod = 'dpo'\nfrom = 'sft'\n", "train.dpo.from: expected 'base' or a [train.<name>]"),
+    (BASE + "\n[train.a]\nfrom = 'b'\n[train.b]\nfrom = 'a'\n", "from: circular"),
+    (BASE + "\n[train.sft]\nfinetuning = 'freeze'\n", "train.sft.freeze: name the trainable_modules"),
+    (BASE + "\n[train.sft]\nfinetuning = 'full'\n[train.sft.lora]\nr = 4\n", "train.sft.lora: only for "),
     (BASE.replace('prompt = "p.txt"', 'prompt = "missing.txt"'), "generate.prompt: file 'missing.txt' does not exist"),
     (BASE.replace('backend = "local"', 'backend = "vllm"'), "generate.backend: expected one of 'openai', 'local'"),
     (BASE.replace('base = "builtin:tiny"', 'base = "builtin:huge"'), "model.base: unknown built-in model"),
@@ -67,9 +73,9 @@ def test_defaults_filled(tmp_path):
     (BASE + "\n[eval.suites.s2]\ntasks = ['y']\nshots = 5\n", "unknown key 'eval.suites.s2.shots'"),
     ("bogus = 1\n" + BASE, "unknown key 'bogus'"),
     # ranges live in the schema (issue: accepted silently, or a traceback deep in TRL / PEFT / lm-eval)
-    (BASE + "\n[sft]\nbatch_size = -4\n", "sft.batch_size: expected >= 1, got -4"),
-    (BASE + "\n[sft.lora]\nr = 0\n", "sft.lora.r: expected >= 1, got 0"),
-    (BASE + "\n[sft]\nlearning_rate = 0\n", "sft.learning_rate: expected > 0, got 0.0"),
+    (BASE + "\n[train.sft]\nbatch_size = -4\n", "train.sft.batch_size: expected >= 1, got -4"),
+    (BASE + "\n[train.sft.lora]\nr = 0\n", "train.sft.lora.r: expected >= 1, got 0"),
+    (BASE + "\n[train.sft]\nlearning_rate = 0\n", "train.sft.learning_rate: expected > 0, got 0.0"),
     (BASE.replace('model = "builtin:tiny"', 'model = "builtin:tiny"\ntemperature = -1'),
      "generate.temperature: expected >= 0, <= 2, got -1.0"),
     (BASE + "\n[eval]\nbatch_size = 0\n", "eval.batch_size: expected >= 1, got 0"),
@@ -140,11 +146,11 @@ def test_bad_recipe_stops_dodo_with_one_line(tmp_path):
     from conftest import copy_project
 
     copy_project(tmp_path)
-    (tmp_path / "recipes" / "typo.toml").write_text('extends = "mini_lima.toml"\n[sft]\nlerning_rate = 1\n')
+    (tmp_path / "recipes" / "typo.toml").write_text('extends = "mini_lima.toml"\n[train.sft]\nlerning_rate = 1\n')
     proc = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0
-    assert "typo.toml: unknown key 'sft.lerning_rate'" in proc.stderr
+    assert "typo.toml: unknown key 'train.sft.lerning_rate'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -165,4 +171,4 @@ def test_the_recipe_reference_is_generated_from_the_schema():
 
     assert (RECIPES / "REFERENCE.md").read_text(encoding="utf-8") == reference(), \
         "recipes/REFERENCE.md is out of date: python -m pipeline.recipe > recipes/REFERENCE.md"
-    assert "| `sft.batch_size` | integer | `4` | >= 1 |" in reference()
+    assert "| `train.<name>.batch_size` | integer | `4` | >= 1 |" in reference()

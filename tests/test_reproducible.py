@@ -9,7 +9,7 @@ import pytest
 from conftest import copy_project, run_doit
 
 RECIPE = """extends = "alpaca_lora_demo.toml"
-[sft]
+[train.sft]
 max_steps = 4
 batch_size = 2
 logging_steps = 1
@@ -43,7 +43,7 @@ def test_two_clones_same_manifests_and_a_moved_checkout_still_compares(tmp_path)
     build(a, "1")
     build(b, "2")
     ma, mb = manifests(a), manifests(b)
-    assert {"r/sft/manifest.json", "r/eval/tuned-subjects/manifest.json", "r/data/alpaca/manifest.json"} <= set(ma)
+    assert {"r/sft/sft/manifest.json", "r/models/sft/manifest.json", "r/eval/sft-subjects/manifest.json", "r/data/alpaca/manifest.json"} <= set(ma)
     differ = sorted(k for k in ma if ma[k] != mb.get(k))
     assert set(ma) == set(mb) and not differ, differ
 
@@ -51,5 +51,5 @@ def test_two_clones_same_manifests_and_a_moved_checkout_still_compares(tmp_path)
     shutil.move(str(a), str(moved))
     (moved / "recipes/r.toml").write_text(RECIPE.replace("max_steps = 4", "max_steps = 5"))
     executed, _, out, _ = build(moved, "3")
-    assert {"sft:r", "merge:r", "evaluate:r.tuned.subjects", "scores:r"} <= set(executed), out
+    assert {"sft:r.sft", "merge:r.sft", "evaluate:r.sft.subjects", "scores:r"} <= set(executed), out
     assert "evaluate:r.base.subjects" not in executed and "not compared" not in out, out

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import ROOT
 from pipeline.stages import filter as filter_stage
 from pipeline import tiny
+from pipeline import training
 from pipeline.stages import merge, sft
 from pipeline.recipe import load_recipes
 
@@ -35,12 +36,13 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
     data.mkdir()
     filter_stage.run(data, pool=tmp_path, config=demo.section("filter"))
 
-    cfg = demo.section("sft")
+    cfg = demo.section("train")["sft"]
     cfg.update(max_steps=4, logging_steps=1, batch_size=2, max_length=256,
                data=[{"name": "self_instruct", "limit": 0, "weight": 1.0}])
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    summary = sft.run(adapter, base_model=str(tiny_model), base_ref="builtin:tiny", data={"self_instruct": data},
+    summary = sft.run(adapter, base_model=str(tiny_model), base_ref="builtin:tiny", stage_name="sft",
+                      data={"self_instruct": data},
                       chat_template=ROOT / "recipes/templates/default.jinja", config=cfg)
     assert summary["steps"] == 4
     log = [json.loads(x) for x in (adapter / "train_log.jsonl").read_text().splitlines()]
@@ -49,7 +51,8 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
 
     merged = tmp_path / "merged"
     merged.mkdir()
-    merge.run(merged, base_model=str(tiny_model), adapter=adapter, config={"dtype": "float32"})
+    merge.run(merged, base_model=str(tiny_model), adapter=adapter,
+              chat_template=ROOT / "recipes/templates/default.jinja", config={"dtype": "float32"})
     tok = AutoTokenizer.from_pretrained(merged)
     assert tok.chat_template == (ROOT / "recipes/templates/default.jinja").read_text()
     model = AutoModelForCausalLM.from_pretrained(merged)
@@ -79,16 +82,16 @@ def test_mixture_caps_weights_and_refuses_preference_data(tmp_path):
 
     data = {"a": dataset("a", 10), "b": dataset("b", 4), "p": dataset("p", 3, pref=True)}
     mix = [{"name": "a", "limit": 6, "weight": 1.0}, {"name": "b", "limit": 0, "weight": 2.5}]
-    out = sft.load_mixture(data, mix)
+    out = [r["messages"] for r in training.load_mixture(data, mix, "sft", "train.t")]
     users = [r[0]["content"] for r in out]
     assert users[:6] == [f"a {i}" for i in range(6)] and len(users) == 6 + 10
     assert sorted(users[6:14]) == sorted([f"b {i}" for i in range(4)] * 2) and len(set(users[14:])) == 2
-    assert out == sft.load_mixture(data, mix)  # the sampled half-copy is fixed
+    assert out == [r["messages"] for r in training.load_mixture(data, mix, "sft", "train.t")]  # fixed sample
     assert out[0][1] == {"role": "assistant", "content": "ok"}
     try:
-        sft.load_mixture(data, [{"name": "p", "limit": 0, "weight": 1.0}])
+        training.load_mixture(data, [{"name": "p", "limit": 0, "weight": 1.0}], "sft", "train.t")
     except TunebuildError as e:
-        assert "dataset 'p' holds preference pairs" in str(e)
+        assert "train.t.data: dataset 'p' holds preference pairs" in str(e)
     else:
         raise AssertionError("preference data was accepted for SFT")
 

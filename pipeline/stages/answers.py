@@ -2,8 +2,9 @@
 template when it has one), as `answers.jsonl` (id, prompt, answer). Deterministic, so the run cache shares the
 answers of one model across recipes.
 
-Contract: reads `[eval.judge]` (instructions, answer_max_tokens, judge_max_items); consumes the base and the tuned
-model; writes `artifacts/<recipe>/answers/<model>/` and provides it as `answers` for the judge stage."""
+Contract: reads `[eval.judge]` (instructions, reference, answer_max_tokens, judge_max_items); consumes the recipe's
+final model (the candidate) and the judge's reference model (`base` by default, or any model the recipe
+evaluates); writes `artifacts/<recipe>/answers/<model>/` and provides it as `answers` for the judge stage."""
 from __future__ import annotations
 
 import json
@@ -21,9 +22,12 @@ def tasks(plan):
     if not j["enabled"]:
         return
     models = plan.models()
-    for role in ("base", "tuned"):
+    for role in sorted({plan.final(), j["reference"]}):
         if role not in models:
-            continue
+            from pipeline.recipe import RecipeError
+
+            raise RecipeError(f"{plan.recipe.path}: eval.judge.reference: no model named {role!r} (the recipe's "
+                              f"models: {', '.join(models)})")
         inputs, params = models[role].as_arg("model")
         inputs["instructions"] = plan.rel(j["instructions"])
         yield plan.task(STAGE, f"{plan.name}.{role}", plan.out(STAGE, role), inputs=inputs, params=params,

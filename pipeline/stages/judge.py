@@ -13,7 +13,8 @@ are reported.
 Every judge call goes through the LLM client and its ledger, keyed by (judge model, rendered prompt, sampling),
 and the rendered prompt holds the two answers in their order: editing the judge prompt re-judges, nothing else.
 
-Contract: reads `[eval.judge]`; consumes the `answers` of the tuned (candidate) and base (reference) models and,
+Contract: reads `[eval.judge]`; consumes the `answers` of the recipe's final model (the candidate) and of the
+reference model (`eval.judge.reference`, `base` by default: any model the recipe evaluates) and,
 for the local backend, the judge model; gets its LLM client from `pipeline.llm.make_client` with the ledger;
 writes `artifacts/<recipe>/judge/` and provides it as a `judgement` for the scores stage.
 """
@@ -34,19 +35,22 @@ ANSWER_KEYS = ("answer_max_tokens", "judge_max_items")  # the answers stage's pa
 
 def tasks(plan):
     j = plan.section("eval")["judge"]
-    cand, ref = plan.product("answers", "tuned"), plan.product("answers", "base")
-    if not j["enabled"] or not cand or not ref:
+    cand, ref = plan.product("answers", plan.final()), plan.product("answers", j["reference"])
+    if not j["enabled"] or not cand or not ref or cand is ref:
         return
     inputs, params = {"candidate": cand.out, "reference": ref.out, "prompt": plan.rel(j["prompt"])}, {}
     if j["backend"] == "local":
         i, p = plan.model(j["model"]).as_arg("generator")
         inputs.update(i)
         params.update(p)
-    yield plan.task(STAGE, plan.name, plan.out(STAGE), inputs=inputs, params=params,
+    yield plan.task(STAGE, plan.name, plan.out(STAGE), inputs=inputs,
+                    params={**params, "candidate_name": cand.name, "reference_name": ref.name},
                     config={k: v for k, v in j.items() if k not in ANSWER_KEYS},
                     unkeyed={"ledger": plan.ledger, "recipe": plan.name},
-                    provides=("judgement", "tuned-vs-base", {"model": cand.info["model"], "prompt": plan.rel(j["prompt"])}),
-                    doc=f"{j['mode']} LLM judging of tuned vs base answers for {plan.name}")
+                    provides=("judgement", f"{cand.name}-vs-{ref.name}",
+                              {"model": cand.info["model"], "role": cand.name, "reference": ref.name,
+                               "prompt": plan.rel(j["prompt"])}),
+                    doc=f"{j['mode']} LLM judging of {cand.name} vs {ref.name} answers for {plan.name}")
 
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
@@ -98,11 +102,13 @@ def length_controlled(y, len_candidate, len_reference) -> float:
 
 
 def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, ledger: str,
-        recipe: str = "", generator: str | None = None) -> dict:
+        recipe: str = "", generator: str | None = None, candidate_name: str = "tuned",
+        reference_name: str = "base") -> dict:
     from pipeline.llm import make_client
 
     client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
-    return judge(out_dir, candidate=candidate, reference=reference, prompt=prompt, config=config, client=client)
+    return judge(out_dir, candidate=candidate, reference=reference, prompt=prompt, config=config, client=client,
+                 candidate_name=candidate_name, reference_name=reference_name)
 
 
 def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, client,

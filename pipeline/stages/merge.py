@@ -1,11 +1,13 @@
-"""Stage `merge`: fold the LoRA adapter into the base model.
+"""Stage `merge`: fold a LoRA / QLoRA adapter into the model it was trained from.
 
-The base is loaded in full precision (float32), the adapter applied and merged with `merge_and_unload`, then the
-result is cast to `merge.dtype` and saved together with the tokenizer and the chat template used in training,
-so the folder loads anywhere with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+The base is loaded in full precision (float32, never 4-bit: merging into a quantised base re-quantises and loses
+quality), the adapter applied and merged with `merge_and_unload`, then the result is cast to `merge.dtype` and
+saved with the tokenizer, the chat template used in training and a generation_config.json whose EOS ids include
+the template's end-of-turn token, so the folder loads anywhere with `AutoModelForCausalLM.from_pretrained` /
+`AutoTokenizer.from_pretrained` (no bitsandbytes needed) and generation stops at the end of the assistant's turn.
 
-Contract: reads `[merge]`; consumes a `trained` adapter and the base model it was trained from; writes
-`artifacts/<recipe>/merge/` and provides it as the `model` `tuned`, which the evaluation stages compare with base.
+Contract: reads `[merge]`; consumes every `trained` adapter and the model it started from; writes
+`artifacts/<recipe>/models/<name>/` and provides it as the `model` `<name>`, which the evaluation stages compare.
 """
 from __future__ import annotations
 
@@ -13,31 +15,31 @@ from pathlib import Path
 
 from pipeline.stage import Stage
 
-STAGE = Stage(name="merge", version=1, phase="models", section="merge", verbosity=1,
-              doc="Merge the LoRA adapter into the base model.")
+STAGE = Stage(name="merge", version=2, phase="models", section="merge", verbosity=1,
+              doc="Merge a LoRA / QLoRA adapter into the full-precision model it was trained from.")
 
 
 def tasks(plan):
+    from pipeline.training import model_folder
+
     for trained in plan.products("trained"):
         base = trained.info["base"]
         inputs, params = base.as_arg("base_model")
-        inputs["adapter"] = trained.out
-        out = plan.out(STAGE)
-        yield plan.task(STAGE, plan.name, out, inputs=inputs, params=params, config=plan.section("merge"),
-                        provides=("model", "tuned", {"ref": f"{plan.name}/merge",
-                                                     "datasets": trained.info["datasets"]}),
-                        doc=f"merge the adapter into {base.ref} for {plan.name}")
+        inputs.update(adapter=trained.out, chat_template=plan.rel(plan.recipe.config["model"]["chat_template"]))
+        yield plan.task(STAGE, f"{plan.name}.{trained.name}", model_folder(plan, trained.name), inputs=inputs,
+                        params=params, config=plan.section("merge"),
+                        provides=("model", trained.name, trained.info),
+                        doc=f"merge {trained.name}'s adapter into {base.ref} for {plan.name}")
 
 
-def run(out_dir: Path, *, base_model: str, adapter: Path, config: dict) -> dict:
-    import torch
+def run(out_dir: Path, *, base_model: str, adapter: Path, chat_template: Path, config: dict) -> dict:
     from peft import PeftModel
 
     from pipeline.hf import load_causal_lm, load_tokenizer
+    from pipeline.training import save_model_folder
 
     base, _ = load_causal_lm(base_model, dtype="float32", with_tokenizer=False)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged = merged.to(getattr(torch, config["dtype"])).to("cpu")
-    merged.save_pretrained(out_dir)
-    load_tokenizer(str(adapter)).save_pretrained(out_dir)
+    save_model_folder(merged, load_tokenizer(str(adapter)), out_dir,
+                      Path(chat_template).read_text(encoding="utf-8"), config["dtype"])
     return {"dtype": config["dtype"]}

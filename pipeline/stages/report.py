@@ -1,4 +1,5 @@
-"""Stage `report`: the base-vs-tuned comparison of one recipe, read from `artifacts/scores.duckdb`.
+"""Stage `report`: the comparisons of one recipe (base → each trained model → extras), read from
+`artifacts/scores.duckdb`.
 
 Writes `comparison.md` (and prints it): per suite and metric the before/after summary the anchor projects
 tabulate by hand (average before, after, average / max / min improvement over subjects), per-subject and
@@ -15,15 +16,15 @@ from pathlib import Path
 from pipeline.stage import Stage
 from pipeline.store import file_lock
 
-STAGE = Stage(name="report", version=1, phase="report", cache=False,
-              doc="Print and write a recipe's base-vs-tuned comparison.")
+STAGE = Stage(name="report", version=2, phase="report", cache=False,
+              doc="Print and write a recipe's comparisons (base → trained models → extra models).")
 
 
 def tasks(plan):
     for p in plan.products("scores"):
         yield plan.task(STAGE, plan.name, Path("artifacts") / "report" / plan.name, inputs={"scores": p.out},
                         params={"recipe": plan.name}, unkeyed={"db": plan.db},
-                        doc=f"base vs tuned table for {plan.name}")
+                        doc=f"comparison tables for {plan.name}")
 
 
 def _fmt(x) -> str:
@@ -37,24 +38,30 @@ def table(db: Path, recipe: str) -> list[tuple]:
         con = duckdb.connect(str(db), read_only=True)
         try:
             return con.execute(
-                "SELECT suite, task, metric, n, base, tuned, delta, higher_is_better, same_eval_config "
-                "FROM comparison WHERE recipe = ? ORDER BY suite, task, metric", [recipe]).fetchall()
+                "SELECT model_a, model_b, suite, task, metric, n, a, b, delta, higher_is_better, same_eval_config "
+                "FROM comparison WHERE recipe = ? AND subject = '' ORDER BY position, suite, task, metric",
+                [recipe]).fetchall()
         finally:
             con.close()
 
 
 def render(recipe: str, rows: list[tuple]) -> str:
-    lines = [f"## {recipe}: base vs tuned", "",
-             "| suite | task | metric | n | base | tuned | delta | |", "|---|---|---|---:|---:|---:|---:|---|"]
-    for suite, task, metric, n, base, tuned, delta, hib, same in rows:
-        if not same:
-            verdict = "eval configs differ: not comparable"
-        elif delta is None or hib is None or delta == 0:
-            verdict = ""
-        else:
-            verdict = "better" if (delta > 0) == bool(hib) else "worse"
-        lines.append(f"| {suite} | {task} | {metric} | {n} | {_fmt(base)} | {_fmt(tuned)} | {_fmt(delta)} | {verdict} |")
-    return "\n".join(lines) + "\n"
+    lines = []
+    for pair in dict.fromkeys((r[0], r[1]) for r in rows):
+        a_name, b_name = pair
+        lines += [f"## {recipe}: {a_name} vs {b_name}", "",
+                  f"| suite | task | metric | n | {a_name} | {b_name} | delta | |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
+        for _, _, suite, task, metric, n, a, b, delta, hib, same in (r for r in rows if (r[0], r[1]) == pair):
+            if not same:
+                verdict = "eval configs differ: not comparable"
+            elif delta is None or hib is None or delta == 0:
+                verdict = ""
+            else:
+                verdict = "better" if (delta > 0) == bool(hib) else "worse"
+            lines.append(f"| {suite} | {task} | {metric} | {n} | {_fmt(a)} | {_fmt(b)} | {_fmt(delta)} | {verdict} |")
+        lines.append("")
+    return "\n".join(lines) + "\n" if lines else f"## {recipe}: nothing to compare\n"
 
 
 def paired(db: Path, recipe: str) -> list[dict]:
@@ -63,9 +70,9 @@ def paired(db: Path, recipe: str) -> list[dict]:
     with file_lock(Path(db)):
         con = duckdb.connect(str(db), read_only=True)
         try:
-            cur = con.execute("SELECT * FROM paired WHERE recipe = ? ORDER BY model_a = 'base' DESC, model_b, suite, metric, "
-                              "filter, level DESC, "
-                              "name, average", [recipe])
+            cur = con.execute("SELECT p.* FROM paired p LEFT JOIN pairs q ON q.recipe = p.recipe AND "
+                              "q.model_a = p.model_a AND q.model_b = p.model_b WHERE p.recipe = ? ORDER BY "
+                              "q.position, p.suite, p.metric, p.filter, p.level DESC, p.name, p.average", [recipe])
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
         except duckdb.CatalogException:
@@ -121,7 +128,7 @@ def render_paired(rows: list[dict], out_dir: Path) -> str:
                              f"{r['b']:.4f} | {r['delta']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
                              f"{_p(r['p_value'])} ({r['test']}) | {_sig(r)} |")
         if subj:
-            pair = "" if (model_a, model_b) == ("base", "tuned") else f"{model_a}-vs-{model_b}-"
+            pair = f"{model_a}-vs-{model_b}-"
             png = f"subjects-{pair}{suite}-{metric}.png".replace("/", "_")
             label = f"{model_b} − {model_a}"
             bar_chart(out_dir / png, [r["name"] for r in subj], {label: [r["delta"] for r in subj]},
@@ -140,18 +147,18 @@ def render_judge(recipe: str, db: Path, out_dir: Path) -> str:
     with file_lock(db):
         con = duckdb.connect(str(db), read_only=True)
         try:
-            rows = con.execute("SELECT task, metric, value, n FROM scores WHERE recipe = ? AND suite = 'judge' "
-                               "ORDER BY metric", [recipe]).fetchall()
+            rows = con.execute("SELECT task, metric, value, n, model, subject FROM scores WHERE recipe = ? AND "
+                               "suite = 'judge' ORDER BY metric", [recipe]).fetchall()
         finally:
             con.close()
     if not rows:
         return ""
-    mode, n = rows[0][0], rows[0][3]
-    values = {m: v for _, m, v, _ in rows}
-    lines = ["", f"## LLM judge ({mode}, {n} instructions): tuned vs base", "", "| metric | value |", "|---|---:|"]
+    mode, n, cand, ref = rows[0][0], rows[0][3], rows[0][4], rows[0][5]
+    values = {r[1]: r[2] for r in rows}
+    lines = ["", f"## LLM judge ({mode}, {n} instructions): {cand} vs {ref}", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {m} | {v:.4f} |" for m, v in values.items() if v is not None]
     if mode == "pairwise":
-        bar_chart(out_dir / "judge.png", ["tuned vs base"],
+        bar_chart(out_dir / "judge.png", [f"{cand} vs {ref}"],
                   {"win": [values["win_rate"]], "tie": [values["tie_rate"]], "loss": [values["loss_rate"]]},
                   title="LLM judge, both orders (inconsistent verdicts are ties)", ylabel="share",
                   stacked=True, colors=["#31a354", "#bdbdbd", "#de2d26"])
@@ -159,9 +166,54 @@ def render_judge(recipe: str, db: Path, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_curves(recipe: str, db: Path, out_dir: Path) -> str:
+    """Each training stage's curves from the `train_log` table: loss, and for DPO the rewards of the chosen and
+    rejected answers, their margin and accuracy (`train-<stage>.png`)."""
+    import duckdb
+
+    from pipeline.plots import _pyplot, save
+
+    with file_lock(db):
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            rows = con.execute("SELECT stage, step, metric, value FROM train_log WHERE recipe = ? "
+                               "ORDER BY stage, metric, step", [recipe]).fetchall()
+        except duckdb.CatalogException:
+            rows = []
+        finally:
+            con.close()
+    if not rows:
+        return ""
+    plt = _pyplot()
+    lines = ["", "## Training curves", ""]
+    for stage in dict.fromkeys(r[0] for r in rows):
+        series: dict[str, list] = {}
+        for _, step, metric, value in (r for r in rows if r[0] == stage):
+            series.setdefault(metric, []).append((step, value))
+        panels = [["loss"], [m for m in ("rewards/chosen", "rewards/rejected", "rewards/margins") if m in series],
+                  ["rewards/accuracies"] if "rewards/accuracies" in series else []]
+        panels = [p for p in panels if p and all(m in series for m in p)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+        for ax, metrics in zip(axes[0], panels):
+            for m in metrics:
+                xs, ys = zip(*series[m])
+                ax.plot(xs, ys, marker=".", label=m)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{recipe}: training stage {stage}", fontsize=10)
+        name = f"train-{stage}.png"
+        save(fig, out_dir / name)
+        last = {m: v[-1][1] for m, v in series.items()}
+        summary = ", ".join(f"{m} {last[m]:.4f}" for m in ("loss", "rewards/margins", "rewards/accuracies")
+                            if m in last)
+        lines += [f"### {stage}: {summary} (last logged step)", "", f"![{stage} curves]({name})", ""]
+    return "\n".join(lines)
+
+
 def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, config: dict | None = None) -> dict:
     text = render(recipe, table(Path(db), recipe))
     text += render_judge(recipe, Path(db), out_dir)
+    text += render_curves(recipe, Path(db), out_dir)
     pair = paired(Path(db), recipe)
     if pair:
         text += "\n## Paired comparisons (same documents)\n\n" + render_paired(pair, out_dir)

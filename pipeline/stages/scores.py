@@ -5,7 +5,9 @@ Loads a recipe's evaluation results (one artifact per model x suite) as rows of 
 manifest, or the hub id), dataset digest (the filtered dataset the model was tuned on), eval config digest (the
 resolved lm-eval task configs, the eval settings and the harness version) and package versions. A recipe's rows
 are replaced in one transaction, under a file lock, so parallel builds never write the database at once.
-The view `comparison` pairs base and tuned per (recipe, suite, task, subject, metric).
+The table `pairs` holds the pairs a recipe compares (base → sft → dpo: each training stage with the model it
+started from; the final model with each `[eval.models]` model); the view `comparison` joins their scores per
+(recipe, suite, task, subject, metric).
 
 Per-document scores (lm-eval's samples) go into `items`, and base vs tuned is compared on the same documents
 (matched by lm-eval's doc_hash) in `paired`: per subject (each lm-eval leaf task), per category of the suite's
@@ -27,7 +29,7 @@ from pathlib import Path
 from pipeline.stage import Stage
 from pipeline.store import digest_json, file_lock, input_digest
 
-STAGE = Stage(name="scores", version=1, phase="scores", cache=False, verbosity=1,
+STAGE = Stage(name="scores", version=3, phase="scores", cache=False, verbosity=1,
               doc="Load a recipe's evaluation results into artifacts/scores.duckdb.")
 
 
@@ -42,16 +44,20 @@ def tasks(plan):
     judge = None
     for p in plan.products("judgement"):
         judge = {"result": p.out, "model": p.info["model"].location, "model_ref": p.info["model"].ref,
-                 "prompt": p.info["prompt"]}
+                 "role": p.info["role"], "reference": p.info["reference"], "prompt": p.info["prompt"]}
         results[p.name] = p.out
+    pairs = [list(p) for p in plan.comparisons()]
+    logs = {p.name: p.info["log"] for p in plan.products("model") if "log" in p.info}
+    results.update({f"log:{k}": v for k, v in logs.items()})
     categories = sorted({e["categories"] for e in entries if e["categories"]})
     if not entries and not judge:
         return
     db = plan.db
     yield plan.task(STAGE, plan.name, plan.out(STAGE), file_dep=[*(str(Path(o) / "manifest.json")
                                                                    for o in results.values()), *categories],
-                    config={"entries": entries, "judge": judge},
-                    params={"recipe": plan.name, "entries": entries, "judge": judge}, unkeyed={"db": db},
+                    config={"entries": entries, "judge": judge, "pairs": pairs, "logs": logs},
+                    params={"recipe": plan.name, "entries": entries, "judge": judge, "pairs": pairs, "logs": logs},
+                    unkeyed={"db": db},
                     uptodate=(Path(db).exists,), provides=("scores", plan.name, {}),
                     doc=f"load {plan.name}'s results into {db}")
 
@@ -61,14 +67,16 @@ CREATE TABLE IF NOT EXISTS scores (
     value DOUBLE, stderr DOUBLE, n INTEGER, higher_is_better BOOLEAN,
     model_digest TEXT, dataset_digest TEXT, eval_config_digest TEXT, packages JSON
 );
+CREATE TABLE IF NOT EXISTS pairs (recipe TEXT, model_a TEXT, model_b TEXT, position INTEGER);
+CREATE TABLE IF NOT EXISTS train_log (recipe TEXT, stage TEXT, step INTEGER, epoch DOUBLE, metric TEXT, value DOUBLE);
 CREATE OR REPLACE VIEW comparison AS
-SELECT b.recipe, b.suite, b.task, b.subject, b.metric, b.filter, b.n,
-       b.value AS base, t.value AS tuned, t.value - b.value AS delta, b.higher_is_better,
-       b.eval_config_digest = t.eval_config_digest AS same_eval_config
-FROM scores b JOIN scores t
-  ON b.recipe = t.recipe AND b.suite = t.suite AND b.task = t.task AND b.subject = t.subject
- AND b.metric = t.metric AND b.filter = t.filter
-WHERE b.model = 'base' AND t.model = 'tuned';
+SELECT p.recipe, p.model_a, p.model_b, a.suite, a.task, a.subject, a.metric, a.filter, a.n,
+       a.value AS a, b.value AS b, b.value - a.value AS delta, a.higher_is_better,
+       a.eval_config_digest = b.eval_config_digest AS same_eval_config, p.position
+FROM pairs p
+JOIN scores a ON a.recipe = p.recipe AND a.model = p.model_a
+JOIN scores b ON b.recipe = p.recipe AND b.model = p.model_b AND a.suite = b.suite AND a.task = b.task
+ AND a.subject = b.subject AND a.metric = b.metric AND a.filter = b.filter;
 CREATE TABLE IF NOT EXISTS items (
     recipe TEXT, model TEXT, suite TEXT, task TEXT, metric TEXT, filter TEXT, doc_hash TEXT, doc_id INTEGER,
     value DOUBLE
@@ -161,18 +169,17 @@ def read_categories(path: str | None, subjects: list[str]) -> dict[str, list[str
     return {s: [mapping[s]] if isinstance(mapping[s], str) else list(mapping[s]) for s in subjects}
 
 
-def paired_rows(recipe: str, entries: list[dict], items: list[tuple]) -> list[dict]:
-    """base vs tuned, and tuned vs each extra model, on the same documents, per suite, metric and filter."""
+def paired_rows(recipe: str, entries: list[dict], items: list[tuple], pairs: list[list[str]]) -> list[dict]:
+    """Each pair of models (base → sft, sft → dpo, final → each extra) on the same documents, per suite, metric
+    and filter."""
     from pipeline.stats import paired_summary
 
     by_role_suite = {(e["role"], e["suite"]): e for e in entries}
     values: dict[tuple, dict[str, float]] = {}
     for _, role, suite, task, metric, filt, doc, _, v in items:
         values.setdefault((role, suite, task, metric, filt), {})[doc] = v
-    extras = sorted({e["role"] for e in entries} - {"base", "tuned"})
     out = []
-    for suite, (role_a, role_b) in [(s, p) for s in sorted({e["suite"] for e in entries})
-                                    for p in [("base", "tuned")] + [("tuned", x) for x in extras]]:
+    for suite, (role_a, role_b) in [(s, p) for s in sorted({e["suite"] for e in entries}) for p in pairs]:
         base, tuned = by_role_suite.get((role_a, suite)), by_role_suite.get((role_b, suite))
         if not base or not tuned:
             continue
@@ -200,29 +207,47 @@ HIGHER = {"win_rate": True, "lc_win_rate": True, "score": True, "grade": True, "
 
 
 def judge_rows(recipe: str, judge: dict | None) -> list[dict]:
-    """The LLM judge's rates as score rows of the tuned model (suite 'judge', task = the mode)."""
+    """The LLM judge's rates as score rows of the judged model (suite 'judge', task = the mode)."""
     if not judge:
         return []
     result = json.loads((Path(judge["result"]) / "results.json").read_text())
     digest = digest_json({"mode": result["mode"], "judge": result["judge"],
                           "prompt": input_digest(Path(judge["prompt"]))})
-    return [{"recipe": recipe, "model": "tuned", "model_ref": judge["model_ref"], "suite": "judge",
-             "task": result["mode"], "subject": "", "metric": k, "filter": "none", "value": v, "stderr": None,
+    return [{"recipe": recipe, "model": judge["role"], "model_ref": judge["model_ref"], "suite": "judge",
+             "task": result["mode"], "subject": judge.get("reference", ""), "metric": k, "filter": "none", "value": v,
+             "stderr": None,
              "n": result["n"], "higher_is_better": HIGHER.get(k), "model_digest": input_digest(Path(judge["model"])),
              "dataset_digest": None, "eval_config_digest": digest, "packages": json.dumps({"judge": result["judge"]})}
             for k, v in sorted(result["metrics"].items())]
 
 
+def train_rows(recipe: str, logs: dict) -> list[tuple]:
+    """Each training stage's log history (loss, learning rate, grad norm, DPO rewards) as long rows."""
+    out = []
+    for stage, folder in sorted(logs.items()):
+        path = Path(folder) / "train_log.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            row = json.loads(line)
+            out += [(recipe, stage, row["step"], row.get("epoch"), k, v) for k, v in sorted(row.items())
+                    if k not in ("step", "epoch")]
+    return out
+
+
 def run(out_dir: Path, *, recipe: str, entries: list[dict], db: Path, judge: dict | None = None,
-        config: dict | None = None) -> dict:
+        pairs: list | None = None, logs: dict | None = None, config: dict | None = None) -> dict:
     import duckdb
 
+    pairs = pairs or []
+    curves = train_rows(recipe, logs or {})
     rows = [r for e in entries for r in rows_for(recipe, e)] + judge_rows(recipe, judge)
     items = [i for e in entries for i in items_for(recipe, e)]
-    paired = paired_rows(recipe, entries, items)
+    paired = paired_rows(recipe, entries, items, pairs)
     with open(out_dir / "paired.jsonl", "w", encoding="utf-8") as f:
         for r in paired:
             f.write(json.dumps(r, sort_keys=True) + "\n")
+    with open(out_dir / "train_log.jsonl", "w", encoding="utf-8") as f:
+        for r in curves:
+            f.write(json.dumps(r) + "\n")
     with open(out_dir / "rows.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -236,6 +261,13 @@ def run(out_dir: Path, *, recipe: str, entries: list[dict], db: Path, judge: dic
             if rows:
                 con.executemany(f"INSERT INTO scores ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                                 [[r[c] for c in COLUMNS] for r in rows])
+            con.execute("DELETE FROM train_log WHERE recipe = ?", [recipe])
+            if curves:
+                con.executemany("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?)", curves)
+            con.execute("DELETE FROM pairs WHERE recipe = ?", [recipe])
+            if pairs:
+                con.executemany("INSERT INTO pairs VALUES (?, ?, ?, ?)",
+                                [[recipe, a, b, i] for i, (a, b) in enumerate(pairs)])
             con.execute("DELETE FROM items WHERE recipe = ?", [recipe])
             if items:
                 con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)

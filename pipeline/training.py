@@ -1,0 +1,278 @@
+"""What the training stages (sft, dpo) share: declaring a `[train.<name>]` task, the dataset mixture, loading the
+model for a fine-tuning mode (lora, qlora, full, freeze), the trainer's common arguments, the log history, and
+saving a model folder that loads anywhere.
+
+Where a trained model lives is a convention both the training stages and the merge stage follow: the model of
+training stage `<name>` is `artifacts/<recipe>/models/<name>/` (an adapter is merged there; full and freeze stages
+write their weights there directly), so a stage can start `from` another whatever the order the graph asks them in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.errors import TunebuildError
+
+ADAPTER_MODES = ("lora", "qlora")
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies")
+
+
+# -- declaring tasks (light: runs when dodo.py loads) -----------------------------------------------------------
+def model_folder(plan, name: str):
+    """The folder of training stage `name`'s model (merged or full), by the convention above."""
+    return plan.out("models", name)
+
+
+def start_model(plan, t: dict):
+    """The ModelSource a training stage starts from: the recipe's base, or another stage's model folder."""
+    if t["from"] == "base":
+        return plan.model(plan.recipe.config["model"]["base"])
+    return plan.artifact_model(f"{plan.name}/{t['from']}", model_folder(plan, t["from"]))
+
+
+def mixture(recipe, t: dict, kind: str) -> list[dict]:
+    """`data` as [{name, limit, weight}]; when empty, every dataset of the recipe whose format is of `kind`."""
+    from pipeline.formats import PREFERENCE_FORMATS
+
+    items = t["data"]
+    if not items:
+        items = [n for n, d in sorted(recipe.config["data"].items())
+                 if (d["format"] in PREFERENCE_FORMATS) == (kind == "preference") or d["format"] == "auto"]
+    return [{"name": i, "limit": 0, "weight": 1.0} if isinstance(i, str) else
+            {"name": i["name"], "limit": i.get("limit", 0), "weight": float(i.get("weight", 1.0))} for i in items]
+
+
+def train_tasks(plan, stage, method: str, kind: str, doc: str):
+    """One task per `[train.<name>]` with this method: inputs are the start model, the datasets and the chat
+    template; an adapter is provided as `trained` (the merge stage makes its model), full weights as `model`."""
+    from pipeline.recipe import RecipeError, train_order
+
+    r = plan.recipe
+    for name in train_order(r.config):
+        t = plan.section("train")[name]
+        if t["method"] != method:
+            continue
+        mix = mixture(r, t, kind)
+        datasets = {}
+        for m in mix:
+            p = plan.product("dataset", m["name"])
+            if p is None:
+                raise RecipeError(f"{r.path}: train.{name}.data: no dataset named {m['name']!r}")
+            datasets[m["name"]] = p.out
+        if not datasets:
+            raise RecipeError(f"{r.path}: train.{name}.data: the recipe has no {kind} dataset to train on")
+        src = start_model(plan, t)
+        inputs, params = src.as_arg("base_model")
+        inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
+        params.update(base_ref=src.ref, stage_name=name)
+        config = {**t, "data": mix}
+        adapter = t["finetuning"] in ADAPTER_MODES
+        out = plan.out(stage, name) if adapter else model_folder(plan, name)
+        info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
+                "ref": f"{r.name}/{name}", "finetuning": t["finetuning"], "method": method, "log": str(out)}
+        yield plan.task(stage, f"{r.name}.{name}", out, inputs=inputs, params=params, config=config,
+                        provides=("trained" if adapter else "model", name, info),
+                        doc=doc.format(name=name, base=src.ref, finetuning=t["finetuning"]))
+
+
+# -- running (heavy imports inside) ------------------------------------------------------------------------------
+def take(records: list[dict], limit: int, weight: float, seed: str) -> list[dict]:
+    """A dataset's share of the mixture: the first `limit` records (0: all), then `weight` times over (whole
+    copies, plus a fixed sample for the fraction)."""
+    import random
+
+    records = records[:limit] if limit else records
+    whole, frac = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(records, round(frac * len(records))) if frac else []
+    return records * whole + extra
+
+
+def load_mixture(data: dict, mix: list[dict], kind: str, where: str) -> list[dict]:
+    """The training records of the mixture, in the mixture's order; each dataset must be of `kind`."""
+    from pipeline.dataset import kind_of, read_records
+
+    out = []
+    for m in mix:
+        records = read_records(Path(data[m["name"]]) / "train.jsonl")
+        if records and kind_of(records[0]) != kind:
+            what = "preference pairs (prompt/chosen/rejected)" if kind_of(records[0]) == "preference" else \
+                "conversations (messages)"
+            raise TunebuildError(f"{where}.data: dataset {m['name']!r} holds {what}; this method trains on "
+                                 f"{'conversations' if kind == 'sft' else 'preference pairs'}")
+        out += take(records, m["limit"], m["weight"], m["name"])
+    if not out:
+        raise TunebuildError(f"{where}.data: the datasets hold no training example")
+    return out
+
+
+def precision(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def check_target_modules(model, targets: list[str], base_ref: str, where: str = "lora") -> None:
+    """Every target module name matches modules of the model (PEFT matches by name suffix); else one line
+    listing the linear layers the model has."""
+    import torch
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise TunebuildError(f"{where}: {', '.join(map(repr, missing))} match(es) no module of {base_ref}; its "
+                             f"linear layers are named {', '.join(linear)}")
+
+
+def load_for_training(base_model: str, base_ref: str, t: dict, where: str):
+    """(model, tokenizer, peft_config or None) for the stage's fine-tuning mode.
+
+    lora: the full-precision model plus a LoraConfig (TRL wraps it); qlora: the model loaded in 4-bit nf4 with
+    double quantisation through bitsandbytes, prepared with `prepare_model_for_kbit_training`, plus a LoraConfig;
+    full: every parameter trains; freeze: only `freeze.trainable_modules` and the last `freeze.last_layers`
+    decoder layers train."""
+    import torch
+    from peft import LoraConfig
+
+    from pipeline.hf import load_causal_lm
+
+    mode = t["finetuning"]
+    if mode == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TunebuildError(f"{where}.finetuning: 'qlora' needs bitsandbytes: pip install -e '.[qlora]'") \
+                from None
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        model, tok = load_causal_lm(base_model, dtype="float32", quantization_config=quant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model, tok = load_causal_lm(base_model, dtype="float32")
+    peft_config = None
+    if mode in ADAPTER_MODES:
+        check_target_modules(model, t["lora"]["target_modules"], base_ref, f"{where}.lora.target_modules")
+        peft_config = LoraConfig(r=t["lora"]["r"], lora_alpha=t["lora"]["alpha"], lora_dropout=t["lora"]["dropout"],
+                                 target_modules=sorted(t["lora"]["target_modules"]), task_type="CAUSAL_LM")
+    elif mode == "freeze":
+        freeze_except(model, t["freeze"]["trainable_modules"], t["freeze"]["last_layers"], base_ref, where)
+    return model, tok, peft_config
+
+
+def freeze_except(model, modules: list[str], last_layers: int, base_ref: str, where: str) -> int:
+    """Freeze every parameter but those of the named modules (by name suffix) and of the last N decoder layers.
+    Returns the number of trainable parameters."""
+    import re
+
+    if modules:
+        check_target_modules(model, modules, base_ref, f"{where}.freeze.trainable_modules")
+    layer_ids = sorted({int(m.group(1)) for n, _ in model.named_parameters()
+                        if (m := re.search(r"\.layers\.(\d+)\.", n))})
+    keep_layers = set(layer_ids[-last_layers:]) if last_layers else set()
+    if last_layers > len(layer_ids):
+        raise TunebuildError(f"{where}.freeze.last_layers: {last_layers}, but {base_ref} has {len(layer_ids)} layers")
+    trainable = 0
+    for n, p in model.named_parameters():
+        layer = re.search(r"\.layers\.(\d+)\.", n)
+        on = (layer is not None and int(layer.group(1)) in keep_layers) or \
+            any(f".{m}." in f".{n}" for m in modules)
+        p.requires_grad_(on)
+        trainable += p.numel() if on else 0
+    return trainable
+
+
+def common_args(t: dict, output_dir: str, prec: str) -> dict:
+    """The trainer arguments every method shares (TRL's names). Precision is explicit: TRL's configs default to
+    bf16, which fails on a CPU."""
+    return dict(output_dir=output_dir, max_steps=t["max_steps"], num_train_epochs=t["num_epochs"],
+                per_device_train_batch_size=t["batch_size"],
+                gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
+                lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], logging_steps=t["logging_steps"],
+                seed=t["seed"], data_seed=t["seed"], bf16=prec == "bfloat16", fp16=prec == "float16",
+                save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=False)
+
+
+def log_callback(rows: list[dict]):
+    """A TrainerCallback keeping each logging step's metrics (loss, learning rate, grad norm, DPO rewards)."""
+    from transformers import TrainerCallback
+
+    class KeepLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and any(k in logs for k in ("loss", "rewards/chosen")):
+                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+                row.update({k: round(float(logs[k]), 6) for k in LOG_KEYS if k in logs})
+                rows.append(row)
+    return KeepLog()
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn under the tokenizer's chat template (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, `</s>`, ...), found by rendering a probe conversation: the first special token after the
+    answer in the assistant's span; plus the tokenizer's EOS."""
+    from pipeline.templates import assistant_spans
+
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    probe = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
+    ids = []
+    try:
+        full, mask = assistant_spans(tokenizer, probe)
+        span = [t for t, m in zip(full, mask) if m]
+        ids += [next(t for t in span if t in special)]
+    except (StopIteration, Exception):  # noqa: BLE001  no special token in the span: the EOS alone
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype: str = "float32") -> None:
+    """A model folder that loads with AutoModelForCausalLM.from_pretrained, without bitsandbytes, carrying the
+    tokenizer, the chat template, and a generation_config.json whose EOS ids include the template's end-of-turn
+    token (so generation stops at the end of the assistant's turn)."""
+    import torch
+    from transformers import GenerationConfig
+
+    model = model.to(getattr(torch, dtype)).to("cpu")
+    tokenizer.chat_template = template_text
+    eos = end_of_turn_ids(tokenizer)
+    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
+    base_eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else \
+        ([gen.eos_token_id] if gen.eos_token_id is not None else [])
+    gen.eos_token_id = sorted(set(base_eos) | set(eos)) or None
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = gen
+    model.save_pretrained(out_dir)
+    tokenizer.chat_template = template_text
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").unlink(missing_ok=True)
+
+
+def write_logs(out_dir: Path, rows: list[dict], summary: dict) -> dict:
+    with open(out_dir / "train_log.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def save_adapter(trainer, tokenizer, out_dir: Path, base_ref: str) -> None:
+    """The PEFT adapter with the tokenizer, naming the base as the recipe does and with its settings in a stable
+    order (PEFT keeps target_modules as a set, whose order follows PYTHONHASHSEED)."""
+    trainer.model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card names the base by local path
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_ref
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
