@@ -178,7 +178,7 @@ class Gc(DoitCmdBase):
                     "help": "delete what is listed (default: only list it)"},)
 
     def _execute(self, yes=False):
-        from pipeline.runner import CACHE, stage_key
+        from pipeline.runner import CACHE, SCRATCH, stage_key
 
         try:
             keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
@@ -197,9 +197,9 @@ class Gc(DoitCmdBase):
                         continue  # an input is not built: this task reaches no cache entry now
                     reached_keys.add((kw["stage"], key))
             garbage: list[tuple[Path, str]] = []
-            cache_root = CACHE.resolve()
+            cache_root, scratch_root = CACHE.resolve(), SCRATCH.resolve()
             if ARTIFACTS.is_dir():
-                self._walk(ARTIFACTS.resolve(), keep, keep_files, cache_root, garbage)
+                self._walk(ARTIFACTS.resolve(), keep, keep_files, (cache_root, scratch_root), garbage)
             if cache_root.is_dir():
                 for stage_dir in sorted(p for p in cache_root.iterdir() if p.is_dir()):
                     for entry in sorted(stage_dir.iterdir()):
@@ -207,15 +207,20 @@ class Gc(DoitCmdBase):
                             garbage.append((entry, "temporary cache folder of an interrupted run"))
                         elif (stage_dir.name, entry.name) not in reached_keys:
                             garbage.append((entry, "run-cache entry no current task would restore"))
+            if scratch_root.is_dir():
+                for stage_dir in sorted(p for p in scratch_root.iterdir() if p.is_dir()):
+                    for entry in sorted(stage_dir.iterdir()):
+                        if (stage_dir.name, entry.name) not in reached_keys:
+                            garbage.append((entry, "checkpoints of a run no current task would resume"))
             self._report(garbage, yes)
         finally:
             self.dep_manager.close()
         return 0
 
-    def _walk(self, folder: Path, keep, keep_files, cache_root, garbage) -> None:
+    def _walk(self, folder: Path, keep, keep_files, roots, garbage) -> None:
         for p in sorted(folder.iterdir()):
             rp = p.resolve()
-            if rp == cache_root or rp in keep:
+            if rp in roots or rp in keep:
                 continue
             if p.is_file() or p.is_symlink():
                 name = p.name
@@ -226,7 +231,7 @@ class Gc(DoitCmdBase):
             elif ".tmp-" in p.name or ".old-" in p.name:
                 garbage.append((p, "temporary folder of an interrupted run"))
             elif any(k.is_relative_to(rp) for k in keep):
-                self._walk(p, keep, keep_files, cache_root, garbage)
+                self._walk(p, keep, keep_files, roots, garbage)
             else:
                 garbage.append((p, "no current recipe writes here"))
 

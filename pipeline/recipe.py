@@ -160,6 +160,10 @@ SCHEMA: dict = {
         "logging_steps": Key(int, 10, min=1),
         "seed": Key(int, 42),
         "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16")),
+        "save_steps": Key(int, 0, min=0, doc="checkpoint every N steps into artifacts/.scratch, so a killed "
+                                            "training resumes there (0: no checkpoints)"),
+        "report_to": Key(str, "none", choices=("none", "tensorboard", "wandb", "trackio"),
+                         doc="the trainer's live logging; not part of the run-cache key"),
         "beta": Key(float, 0.1, above=0, doc="dpo: strength of the KL penalty (TRL's beta)"),
         "loss_type": Key(str, "sigmoid", choices=("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
                                                   "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",

@@ -6,6 +6,7 @@ config; the module's `run(out_dir, *, config, **inputs)` computes the output.
 from __future__ import annotations
 
 import importlib
+import inspect
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pipeline.errors import TunebuildError
 from pipeline.store import build_cached, cache_key, input_digest
 
 CACHE = Path("artifacts") / ".cache"
+SCRATCH = Path("artifacts") / ".scratch"   # resumable progress of long stages, keyed like the run cache
 
 
 def _digest(value):
@@ -45,11 +47,18 @@ def run_stage(*, module: str, stage: str, version: int, label: str, out: str, in
         key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params)
         entry = importlib.import_module(module).run
         kwargs = {**_as_paths(inputs), **params, **unkeyed}
+        scratch = None
+        if "scratch" in inspect.signature(entry).parameters:  # the stage keeps resumable progress (checkpoints)
+            scratch = SCRATCH / stage / key
+            scratch.mkdir(parents=True, exist_ok=True)
+            kwargs["scratch"] = scratch
 
         def compute(tmp: Path):
             entry(tmp, config=config, **kwargs)
 
         how = build_cached(Path(out), CACHE if cache else None, stage, key, compute)
+        if scratch is not None:  # the artifact is complete: its progress is no longer needed
+            shutil.rmtree(scratch, ignore_errors=True)
         if how == "restored":
             # stderr: shown at every verbosity, also for tasks whose stdout doit captures
             print(f"{label}: restored from the run cache ({CACHE / stage / key})", file=sys.stderr, flush=True)

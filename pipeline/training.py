@@ -66,12 +66,13 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         inputs, params = src.as_arg("base_model")
         inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
         params.update(base_ref=src.ref, stage_name=name)
-        config = {**t, "data": mix}
+        config = {**{k: v for k, v in t.items() if k != "report_to"}, "data": mix}
         adapter = t["finetuning"] in ADAPTER_MODES
         out = plan.out(stage, name) if adapter else model_folder(plan, name)
         info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
                 "ref": f"{r.name}/{name}", "finetuning": t["finetuning"], "method": method, "log": str(out)}
         yield plan.task(stage, f"{r.name}.{name}", out, inputs=inputs, params=params, config=config,
+                        unkeyed={"report_to": t["report_to"]},
                         provides=("trained" if adapter else "model", name, info),
                         doc=doc.format(name=name, base=src.ref, finetuning=t["finetuning"]))
 
@@ -189,28 +190,44 @@ def freeze_except(model, modules: list[str], last_layers: int, base_ref: str, wh
     return trainable
 
 
-def common_args(t: dict, output_dir: str, prec: str) -> dict:
+def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none") -> dict:
     """The trainer arguments every method shares (TRL's names). Precision is explicit: TRL's configs default to
-    bf16, which fails on a CPU."""
+    bf16, which fails on a CPU. With `save_steps`, checkpoints go to `output_dir` (the stage's scratch folder)."""
+    saving = dict(save_strategy="steps", save_steps=t["save_steps"], save_total_limit=2) if t["save_steps"] else \
+        dict(save_strategy="no")
     return dict(output_dir=output_dir, max_steps=t["max_steps"], num_train_epochs=t["num_epochs"],
                 per_device_train_batch_size=t["batch_size"],
                 gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
                 lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], logging_steps=t["logging_steps"],
                 seed=t["seed"], data_seed=t["seed"], bf16=prec == "bfloat16", fp16=prec == "float16",
-                save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=False)
+                report_to=report_to, dataloader_num_workers=0, disable_tqdm=False, **saving)
 
 
-def log_callback(rows: list[dict]):
-    """A TrainerCallback keeping each logging step's metrics (loss, learning rate, grad norm, DPO rewards)."""
-    from transformers import TrainerCallback
+def last_checkpoint(scratch: Path | None) -> Path | None:
+    """The newest complete `checkpoint-<step>` in the scratch folder of an interrupted run of the same key."""
+    if scratch is None or not Path(scratch).is_dir():
+        return None
+    done = [p for p in Path(scratch).glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+            and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
-    class KeepLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and any(k in logs for k in ("loss", "rewards/chosen")):
-                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-                row.update({k: round(float(logs[k]), 6) for k in LOG_KEYS if k in logs})
-                rows.append(row)
-    return KeepLog()
+
+def fit(trainer, scratch: Path | None, where: str) -> tuple[object, int | None, list[dict]]:
+    """Train, resuming from the last checkpoint of an interrupted run with the same run-cache key (passed
+    explicitly: transformers ignores TrainingArguments.resume_from_checkpoint). Returns (train result, the step
+    it resumed from or None, the log history rows)."""
+    checkpoint = last_checkpoint(scratch)
+    resumed = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+    if checkpoint:
+        print(f"{where}: resuming from {checkpoint.name} of an interrupted run", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    rows = []
+    for logs in trainer.state.log_history:
+        if any(k in logs for k in ("loss", "rewards/chosen")) and "step" in logs:
+            row = {"step": logs["step"], "epoch": round(logs.get("epoch") or 0.0, 4)}
+            row.update({k: round(float(logs[k]), 6) for k in LOG_KEYS if k in logs})
+            rows.append(row)
+    return result, resumed, rows
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

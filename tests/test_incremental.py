@@ -107,7 +107,7 @@ def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     report = (project / "artifacts/report/t/comparison.md").read_text()
     assert "average before" in report and "| micro (documents) |" in report and "| macro (subjects) |" in report
     from PIL import Image
-    with Image.open(project / "artifacts/report/t/subjects-subjects-acc.png") as img:
+    with Image.open(project / "artifacts/report/t/subjects-base-vs-sft-subjects-acc.png") as img:
         img.verify()
     gen = json.loads((project / "artifacts/t/generate/self_instruct/report.json").read_text())
     assert gen["machine_instructions"] == 8 and gen["usage"]["requests"] > 0

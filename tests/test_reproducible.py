@@ -34,10 +34,10 @@ def build(project: Path, seed: str):
 
 @pytest.mark.slow
 def test_two_clones_same_manifests_and_a_moved_checkout_still_compares(tmp_path):
-    a = copy_project(Path(shutil.os.makedirs(tmp_path / "a" / "proj") or tmp_path / "a" / "proj"),
-                     recipes=("alpaca_lora_demo.toml",))
-    b = copy_project(Path(shutil.os.makedirs(tmp_path / "elsewhere" / "b" / "proj") or
-                          tmp_path / "elsewhere" / "b" / "proj"), recipes=("alpaca_lora_demo.toml",))
+    (tmp_path / "a" / "proj").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "b" / "proj").mkdir(parents=True)
+    a = copy_project(tmp_path / "a" / "proj", recipes=("alpaca_lora_demo.toml",))
+    b = copy_project(tmp_path / "elsewhere" / "b" / "proj", recipes=("alpaca_lora_demo.toml",))
     for p in (a, b):
         (p / "recipes/r.toml").write_text(RECIPE)
     build(a, "1")

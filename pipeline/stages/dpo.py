@@ -31,7 +31,7 @@ def tasks(plan):
 
 
 def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
-        config: dict) -> dict:
+        config: dict, scratch: Path | None = None, report_to: str = "none") -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -49,25 +49,24 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     if peft_config is None:  # full / freeze: the start model, frozen, is the reference
         ref_model, _ = load_causal_lm(base_model, dtype="float32", with_tokenizer=False)
         ref_model.eval().requires_grad_(False)
-    log: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="tunebuild-dpo-") as scratch:
-        args = DPOConfig(**training.common_args(c, scratch, prec), max_length=c["max_length"], beta=c["beta"],
+    with tempfile.TemporaryDirectory(prefix="tunebuild-dpo-") as tmp:
+        output_dir = str(scratch) if scratch is not None else tmp
+        args = DPOConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"], beta=c["beta"],
                          loss_type=[c["loss_type"]], precompute_ref_log_probs=c["precompute_ref_log_probs"])
         try:
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
-                                 processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=[training.log_callback(log)])
+                                 processing_class=tokenizer, peft_config=peft_config)
         except Exception as e:  # a chat template TRL cannot apply to the pairs, ...
             if isinstance(e, TunebuildError):
                 raise
             raise TunebuildError(f"{where}: preparing the preference pairs failed: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        result = trainer.train()
+        result, resumed, log = training.fit(trainer, scratch, f"train.{stage_name}")
     if peft_config is not None:
         training.save_adapter(trainer, tokenizer, out_dir, base_ref)
     else:
         training.save_model_folder(trainer.model, tokenizer, out_dir, template)
     summary = {"method": "dpo", "finetuning": c["finetuning"], "steps": result.global_step,
-               "train_loss": round(float(result.training_loss), 6), "pairs": len(pairs), "precision": prec,
+               "train_loss": round(float(result.training_loss), 6), "resumed_from_step": resumed, "pairs": len(pairs), "precision": prec,
                "beta": c["beta"], "loss_type": c["loss_type"]}
     return training.write_logs(out_dir, log, summary)

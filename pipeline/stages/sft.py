@@ -61,7 +61,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
 
 
 def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
-        config: dict) -> dict:
+        config: dict, scratch: Path | None = None, report_to: str = "none") -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -81,18 +81,17 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
         raise TunebuildError(f"{where}.max_length: {counts['dropped']} of {counts['examples']} training "
                              f"conversations have no answer token within {c['max_length']} tokens (more than "
                              f"max_dropped_fraction = {c['max_dropped_fraction']}): raise max_length")
-    log: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="tunebuild-sft-") as scratch:
-        args = SFTConfig(**training.common_args(c, scratch, prec), max_length=c["max_length"],
+    with tempfile.TemporaryDirectory(prefix="tunebuild-sft-") as tmp:
+        output_dir = str(scratch) if scratch is not None else tmp
+        args = SFTConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"],
                          completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[training.log_callback(log)])
-        result = trainer.train()
+                             processing_class=tokenizer, peft_config=peft_config)
+        result, resumed, log = training.fit(trainer, scratch, f"train.{stage_name}")
     if peft_config is not None:
         training.save_adapter(trainer, tokenizer, out_dir, base_ref)
     else:
         training.save_model_folder(trainer.model, tokenizer, out_dir, template)
     summary = {"method": "sft", "finetuning": c["finetuning"], "steps": result.global_step,
-               "train_loss": round(float(result.training_loss), 6), **counts, "precision": prec}
+               "train_loss": round(float(result.training_loss), 6), "resumed_from_step": resumed, **counts, "precision": prec}
     return training.write_logs(out_dir, log, summary)
