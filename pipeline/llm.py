@@ -294,13 +294,14 @@ class Client:
     def complete_many(self, prompts: list[str], params: dict, sample_index: int = 0) -> list[str]:
         keys = [request_key(self.backend.name, self.model_id, p, params, sample_index) for p in prompts]
         answers: dict[int, Entry] = {}
-        missing = []
+        missing, first_of = [], {}
         for i, k in enumerate(keys):
             hit = self.ledger.get(k)
-            if hit is None:
-                missing.append(i)
-            else:
+            if hit is not None:
                 answers[i] = hit
+            elif k not in first_of:  # the same request twice in one call is sent once
+                first_of[k] = i
+                missing.append(i)
 
         def record(i: int, entry: Entry) -> None:
             self.ledger.put(keys[i], backend=self.backend.name, model=self.model_id, prompt=prompts[i],
@@ -319,6 +320,9 @@ class Client:
                     for i in missing:
                         record(i, self.backend.complete(prompts[i], params, sample_index))
                         bar.update()
+        for i, k in enumerate(keys):
+            if i not in answers:
+                answers[i] = answers[first_of[k]]
         for i in range(len(prompts)):
             self.usage.requests += 1
             self.usage.prompt_tokens += answers[i].prompt_tokens

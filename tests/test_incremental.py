@@ -234,7 +234,7 @@ def test_second_recipe_sharing_upstream_restores_instead_of_computing(project):
     executed, out, _ = doit(project, "build:t2")
     for stage in ("generate", "filter", "sft", "merge", "evaluate"):
         label = {"evaluate": "evaluate:t2.sft.heldout", "generate": "generate:t2.self_instruct",
-                 "filter": "filter:t2.self_instruct"}.get(stage, f"{stage}:t2")
+                 "filter": "filter:t2.self_instruct"}.get(stage, f"{stage}:t2.sft")
         assert f"{label}: restored from the run cache" in out, out
     assert "evaluate:t2.sft.tb_basic: restored" not in out  # its own setting differs: computed
     # an extra model is evaluated once per (model content, suite config), whichever recipe asked first

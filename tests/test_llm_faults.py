@@ -247,3 +247,17 @@ def test_an_endpoint_that_fails_every_request_stops_being_asked(tmp_path):
     assert int(re.search(r"(\d+) not sent", text)[1]) >= len(PROMPTS) - 3
     # two requests failed for good in a row: a request already in flight gets no retry, no new one is sent
     assert len(server.received) <= 2 * 3 + 1
+
+
+def test_the_same_request_twice_in_one_call_is_paid_once(tmp_path, monkeypatch):
+    from openai_server import FakeOpenAI
+    from pipeline.llm import make_client
+
+    monkeypatch.setenv("TB_TEST_KEY", "k")
+    with FakeOpenAI() as server:
+        cfg = {"backend": "openai", "model": "m", "api": "completions", "base_url": server.url,
+               "api_key_env": "TB_TEST_KEY", "concurrency": 4, "price_per_1k_tokens": 0.0}
+        client = make_client(cfg, generator=None, ledger=tmp_path / "ledger.sqlite", recipe="t")
+        params = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "stop": []}
+        out = client.complete_many(["same prompt", "other prompt", "same prompt"], params)
+        assert out[0] == out[2] and len(server.requests) == 2 and client.usage.requests == 3
