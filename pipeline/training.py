@@ -273,6 +273,29 @@ def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype
     (out_dir / "README.md").unlink(missing_ok=True)
 
 
+def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_template: Path):
+    """(where, precision, model, tokenizer, peft_config, template text) for a training stage's run."""
+    where = f"train.{stage_name}"
+    prec = precision(config["precision"])
+    model, tokenizer, peft_config = load_for_training(base_model, base_ref, config, where)
+    template = Path(chat_template).read_text(encoding="utf-8")
+    tokenizer.chat_template = template
+    return where, prec, model, tokenizer, peft_config, template
+
+
+def finish(out_dir: Path, trainer, tokenizer, peft_config, base_ref: str, template: str, fitted: tuple,
+           summary: dict) -> dict:
+    """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary."""
+    result, resumed, log = fitted
+    if peft_config is not None:
+        save_adapter(trainer, tokenizer, out_dir, base_ref)
+    else:
+        save_model_folder(trainer.model, tokenizer, out_dir, template)
+    summary = {**summary, "steps": result.global_step, "train_loss": round(float(result.training_loss), 6),
+               "resumed_from_step": resumed}
+    return write_logs(out_dir, log, summary)
+
+
 def write_logs(out_dir: Path, rows: list[dict], summary: dict) -> dict:
     with open(out_dir / "train_log.jsonl", "w") as f:
         for row in rows:

@@ -38,11 +38,9 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     from pipeline import training
     from pipeline.hf import load_causal_lm
 
-    c, where = config, f"train.{stage_name}"
-    prec = training.precision(c["precision"])
-    model, tokenizer, peft_config = training.load_for_training(base_model, base_ref, c, where)
-    template = Path(chat_template).read_text(encoding="utf-8")
-    tokenizer.chat_template = template
+    c = config
+    where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
+                                                                            chat_template)
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
              for r in training.load_mixture(data, c["data"], "preference", where)]
     ref_model = None
@@ -51,8 +49,9 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
         ref_model.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="tunebuild-dpo-") as tmp:
         output_dir = str(scratch) if scratch is not None else tmp
-        args = DPOConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"], beta=c["beta"],
-                         loss_type=[c["loss_type"]], precompute_ref_log_probs=c["precompute_ref_log_probs"])
+        args = DPOConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"],
+                         beta=c["beta"], loss_type=[c["loss_type"]],
+                         precompute_ref_log_probs=c["precompute_ref_log_probs"])
         try:
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
                                  processing_class=tokenizer, peft_config=peft_config)
@@ -61,12 +60,7 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
                 raise
             raise TunebuildError(f"{where}: preparing the preference pairs failed: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        result, resumed, log = training.fit(trainer, scratch, f"train.{stage_name}")
-    if peft_config is not None:
-        training.save_adapter(trainer, tokenizer, out_dir, base_ref)
-    else:
-        training.save_model_folder(trainer.model, tokenizer, out_dir, template)
-    summary = {"method": "dpo", "finetuning": c["finetuning"], "steps": result.global_step,
-               "train_loss": round(float(result.training_loss), 6), "resumed_from_step": resumed, "pairs": len(pairs), "precision": prec,
-               "beta": c["beta"], "loss_type": c["loss_type"]}
-    return training.write_logs(out_dir, log, summary)
+        fitted = training.fit(trainer, scratch, where)
+    return training.finish(out_dir, trainer, tokenizer, peft_config, base_ref, template, fitted,
+                           {"method": "dpo", "finetuning": c["finetuning"], "pairs": len(pairs), "precision": prec,
+                            "beta": c["beta"], "loss_type": c["loss_type"]})

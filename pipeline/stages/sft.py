@@ -67,11 +67,9 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
 
     from pipeline import training
 
-    c, where = config, f"train.{stage_name}"
-    prec = training.precision(c["precision"])
-    model, tokenizer, peft_config = training.load_for_training(base_model, base_ref, c, where)
-    template = Path(chat_template).read_text(encoding="utf-8")
-    tokenizer.chat_template = template
+    c = config
+    where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
+                                                                            chat_template)
     conversations = [r["messages"] for r in training.load_mixture(data, c["data"], "sft", where)]
     rows, counts = tokenize_conversations(conversations, tokenizer, c["max_length"], chat_template)
     print(f"sft {stage_name}: {counts['examples']} training conversations: {counts['kept']} kept, "
@@ -87,11 +85,6 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
                          completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
-        result, resumed, log = training.fit(trainer, scratch, f"train.{stage_name}")
-    if peft_config is not None:
-        training.save_adapter(trainer, tokenizer, out_dir, base_ref)
-    else:
-        training.save_model_folder(trainer.model, tokenizer, out_dir, template)
-    summary = {"method": "sft", "finetuning": c["finetuning"], "steps": result.global_step,
-               "train_loss": round(float(result.training_loss), 6), "resumed_from_step": resumed, **counts, "precision": prec}
-    return training.write_logs(out_dir, log, summary)
+        fitted = training.fit(trainer, scratch, where)
+    return training.finish(out_dir, trainer, tokenizer, peft_config, base_ref, template, fitted,
+                           {"method": "sft", "finetuning": c["finetuning"], **counts, "precision": prec})
