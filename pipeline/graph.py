@@ -329,16 +329,35 @@ class Project:
                 ("eval", "Evaluate every recipe's models and refresh the scores (`doit eval:<recipe>` for one).",
                  list(self.eval_tasks()))]
 
+    def sweeps(self) -> dict[str, list[Recipe]]:
+        """Each sweep's variants, by the sweep's (recipe file's) name."""
+        out: dict[str, list[Recipe]] = {}
+        for r in self.recipes:
+            if r.sweep:
+                out.setdefault(r.sweep["name"], []).append(r)
+        return out
+
+    def _sweep_summary_tasks(self, name: str) -> list[str]:
+        return [p.task for p in self.project_plan.products_ if p.info.get("group") == name]
+
     def build_tasks(self):
         for r in self.recipes:
             yield {"name": r.name, "doc": f"build {r.name} end to end: {r.config['description']}",
                    "actions": None, "task_dep": list(self.plans[r.name].task_phase)}
+        for name, variants in sorted(self.sweeps().items()):
+            yield {"name": name, "doc": f"build the {len(variants)} variants of the sweep {name} and its table",
+                   "actions": None,
+                   "task_dep": [f"build:{v.name}" for v in variants] + self._sweep_summary_tasks(name)}
 
     def eval_tasks(self):
         for r in self.recipes:
             plan = self.plans[r.name]
             yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores", "actions": None,
                    "task_dep": [t for t, phase in plan.task_phase.items() if phase in EVAL_PHASES]}
+        for name, variants in sorted(self.sweeps().items()):
+            yield {"name": name, "doc": f"evaluate the variants of the sweep {name} and write its table",
+                   "actions": None,
+                   "task_dep": [f"eval:{v.name}" for v in variants] + self._sweep_summary_tasks(name)}
 
 
 def _fingerprint(root: Path) -> str:

@@ -29,7 +29,7 @@ from pipeline.prompts import read_template, render
 from pipeline.stage import Stage
 
 STAGE = Stage(name="judge", version=1, phase="compare", section="eval.judge",
-              doc="LLM-as-judge: tuned vs base answers, both orders (or single-answer grading).")
+              doc="LLM-as-judge: the final model vs a reference model, both orders (or single-answer grading).")
 ANSWER_KEYS = ("answer_max_tokens", "judge_max_items")  # the answers stage's part of [eval.judge]
 
 
