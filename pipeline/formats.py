@@ -219,7 +219,7 @@ def _jsonl_lines(path: Path, lines) -> Iterator[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise RowError(path, n, "row", f"valid JSON ({e.msg} at column {e.colno})") from None
+            raise RowError(path, n, "row", f"not valid JSON: {e.msg} at column {e.colno}") from None
         if not isinstance(row, dict):
             raise RowError(path, n, "row", f"a JSON object, not {_json_type(row)}")
         yield n, row

@@ -42,7 +42,7 @@ def test_a_malformed_jsonl_line_and_a_missing_answer_are_named(tmp_path):
     data = s / "capitals.jsonl"
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[:2] + ['{"country": "Peru", "choices": ["Lima"'] + lines[3:]) + "\n")
-    with pytest.raises(TunebuildError, match=r"capitals.jsonl:3: not valid JSON"):
+    with pytest.raises(TunebuildError, match=r"capitals.jsonl:3: row: not valid JSON"):
         evaluate.check_local_suite(s)
     row = json.loads(lines[2])
     del row["answer"]

@@ -456,7 +456,7 @@ def test_read_jsonl_bad_line(tmp_path):
         list(rows)
     err = info.value
     assert (err.path, err.row, err.field) == (p, 4, "row")
-    assert str(err).startswith(f"{p}:4: row: valid JSON")
+    assert str(err).startswith(f"{p}:4: row: not valid JSON")
     p.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(RowError, match=r":2: row: a JSON object, not a list"):
         list(read_rows(p))

@@ -37,14 +37,10 @@ def tasks(plan):
 
 
 def read_instructions(path: Path) -> list[dict]:
+    from pipeline.formats import read_rows
+
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise TunebuildError(f"{path}:{n}: not valid JSON: {e}") from None
+    for n, row in read_rows(Path(path)):
         if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             raise TunebuildError(f"{path}:{n}: key 'instruction' missing or empty")
         prompt = row["instruction"].strip() + ("\n\n" + row["input"] if row.get("input") else "")

@@ -90,21 +90,9 @@ def check_local_suite(folder: Path) -> None:
 
 
 def _check_jsonl(data: Path, fields: list[str], task_file: str) -> None:
-    try:
-        lines = data.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise TunebuildError(f"{data}: not UTF-8 text (byte {e.start})") from None
-    if data.suffix == ".json" and lines and lines[0].lstrip().startswith("["):
-        return
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise TunebuildError(f"{data}:{n}: not valid JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise TunebuildError(f"{data}:{n}: expected a JSON object per line")
+    from pipeline.formats import read_rows
+
+    for n, row in read_rows(data):
         for field in fields:
             if row.get(field) is None:
                 raise TunebuildError(f"{data}:{n}: {field}: missing (the answer that {task_file}'s doc_to_target "
