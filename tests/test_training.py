@@ -37,12 +37,13 @@ def test_generation_stops_at_the_templates_end_of_turn_token():
 def test_sft_dpo_chain_qlora_and_full_fine_tune_build_offline(tmp_path):
     recipes = ("zh_dpo_demo.toml", "dolly_qlora_demo.toml", "mini_lima_full_demo.toml", "demo.toml", "mini_lima.toml")
     project = copy_project(tmp_path, recipes=recipes)
-    executed, _, out, _ = run_doit(project, "build:zh_dpo_demo", "build:dolly_qlora_demo",
+    executed, _, out, _ = run_doit(project, "build:zh_dpo_demo", "build:dolly_qlora_demo", "build:demo",
                                    "build:mini_lima_full_demo", env={"HF_HUB_OFFLINE": "1"})
     executed = set(executed)
     assert {"sft:zh_dpo_demo.sft", "merge:zh_dpo_demo.sft", "dpo:zh_dpo_demo.dpo", "merge:zh_dpo_demo.dpo",
             "sft:dolly_qlora_demo.sft", "merge:dolly_qlora_demo.sft", "sft:mini_lima_full_demo.sft"} <= executed, out
     assert "merge:mini_lima_full_demo.sft" not in out  # full fine-tuning writes the model itself
+    assert {"generate:demo.self_instruct", "sft:demo.sft", "report:demo"} <= executed  # mini_lima's twin
     arts = project / "artifacts"
 
     # base -> sft -> dpo, each compared with what it started from; DPO rewards logged, plotted and in DuckDB
