@@ -2,7 +2,6 @@
 none of them by name."""
 import ast
 import re
-from pathlib import Path
 
 from conftest import ROOT
 from pipeline.graph import discover_stages
