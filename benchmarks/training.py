@@ -47,48 +47,41 @@ def dataset(folder: Path, file: str, fmt: str) -> Path:
     return out
 
 
-def bare_sft(model_dir: Path, data: Path, t: dict, template: str) -> None:
+def _bare(model_dir: Path, data: Path, t: dict, template: str, trainer_cls, config_cls, to_row, **extra) -> None:
+    """A bare TRL script: the model, its tokenizer with the template, the records as TRL's conversational format,
+    the trainer with a LoraConfig, train, save the adapter."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.chat_template = template
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
-    ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=t["max_steps"], per_device_train_batch_size=t["batch_size"],
-                         learning_rate=t["learning_rate"], max_length=t["max_length"], logging_steps=10,
-                         save_strategy="no", report_to="none", bf16=False, seed=t["seed"])
+        args = config_cls(output_dir=out, max_steps=t["max_steps"], per_device_train_batch_size=t["batch_size"],
+                          learning_rate=t["learning_rate"], max_length=t["max_length"], logging_steps=10,
+                          save_strategy="no", report_to="none", bf16=False, seed=t["seed"], **extra)
         lora = LoraConfig(r=t["lora"]["r"], lora_alpha=t["lora"]["alpha"], lora_dropout=t["lora"]["dropout"],
                           target_modules=t["lora"]["target_modules"], task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list([to_row(r) for r in rows]),
+                              processing_class=tok, peft_config=lora)
         trainer.train()
         trainer.model.save_pretrained(out)
+
+
+def bare_sft(model_dir: Path, data: Path, t: dict, template: str) -> None:
+    from trl import SFTConfig, SFTTrainer
+
+    _bare(model_dir, data, t, template, SFTTrainer, SFTConfig,
+          lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]})
 
 
 def bare_dpo(model_dir: Path, data: Path, t: dict, template: str) -> None:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.chat_template = template
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
-    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, max_steps=t["max_steps"], per_device_train_batch_size=t["batch_size"],
-                         learning_rate=t["learning_rate"], max_length=t["max_length"], logging_steps=10, beta=0.1,
-                         save_strategy="no", report_to="none", bf16=False, seed=t["seed"])
-        lora = LoraConfig(r=t["lora"]["r"], lora_alpha=t["lora"]["alpha"], lora_dropout=t["lora"]["dropout"],
-                          target_modules=t["lora"]["target_modules"], task_type="CAUSAL_LM")
-        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
-        trainer.train()
-        trainer.model.save_pretrained(out)
+    _bare(model_dir, data, t, template, DPOTrainer, DPOConfig,
+          lambda r: {k: r[k] for k in ("prompt", "chosen", "rejected")}, beta=0.1)
 
 
 def best(k: int, fn) -> float:

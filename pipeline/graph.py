@@ -93,6 +93,11 @@ class ModelSource:
         return str(self.folder) if self.folder else self.external
 
 
+def _trained_model(p: Product) -> ModelSource:
+    """The ModelSource of a `model` product (a training stage's model folder)."""
+    return ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
+
+
 def builtin_folder(ref: str) -> Path:
     return ARTIFACTS / "models" / ref.replace(":", "-")
 
@@ -187,7 +192,7 @@ class Plan:
         for name in train_order(self.recipe.config):
             if name in trained:
                 p = trained[name]
-                out[name] = ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
+                out[name] = _trained_model(p)
         for name, mc in sorted(self.recipe.config["eval"]["models"].items()):
             ref = mc["model"]
             if ref.startswith("recipe:"):
@@ -310,7 +315,7 @@ class Project:
         p = plan.product("model", final)
         if p is None:
             raise RecipeError(f"{recipe.path}: {dotted}: recipe {other!r} trains no model")
-        return ModelSource(p.info["ref"], Path(p.out), None, tuple(p.info.get("datasets", ())), p.task)
+        return _trained_model(p)
 
     # -- what dodo.py exposes ---------------------------------------------------------------------------------
     def all_tasks(self) -> list[dict]:

@@ -243,7 +243,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         full, mask = assistant_spans(tokenizer, probe)
         span = [t for t, m in zip(full, mask) if m]
         ids += [next(t for t in span if t in special)]
-    except (StopIteration, Exception):  # noqa: BLE001  no special token in the span: the EOS alone
+    except Exception:  # noqa: BLE001  no special token in the span (StopIteration), or no span: the EOS alone
         pass
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
