@@ -25,7 +25,7 @@ DB = ARTIFACTS / "scores.duckdb"
 LEDGER = ARTIFACTS / ".ledger.sqlite"
 MANIFEST = "manifest.json"
 _ARTIFACTS_PREFIX = str(ARTIFACTS) + "/"
-TASKS_CACHE = ARTIFACTS / ".tasks.pickle"
+TASKS_CACHE = ARTIFACTS / ".tasks.json"   # data only: see pipeline.task_cache
 
 DOIT_CONFIG = {
     "backend": "sqlite3",                 # unlike dbm, safe for several doit processes and `doit -n 2`
@@ -389,32 +389,23 @@ def creators(root: Path) -> dict:
     """`task_<basename>` functions for dodo.py's namespace: one per stage basename, then `build` and `eval`.
 
     Validating 50 recipes and walking them through the stages takes longer than doit's own no-op check, so the
-    resulting task list is kept in `artifacts/.tasks.pickle`, keyed by `_fingerprint` (every recipe file, every
-    pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached."""
-    import os
-    import pickle
+    resulting task list is kept in `artifacts/.tasks.json`, keyed by `_fingerprint` (every recipe file, every
+    pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached. The file is data
+    only (`pipeline.task_cache`): a planted or corrupted one is ignored and rebuilt, never executed."""
     import sys
 
+    from pipeline import task_cache
     from pipeline.store import hold_checkout
 
     root = Path(root)
     hold_checkout(root / ARTIFACTS, sys.argv[1:])
     cache = root / TASKS_CACHE
     key = _fingerprint(root)
-    table = None
-    try:
-        with open(cache, "rb") as f:
-            saved_key, saved = pickle.load(f)
-        table = saved if saved_key == key else None
-    except Exception:  # noqa: BLE001  missing, truncated or from another version: rebuild it
-        table = None
+    table = task_cache.load(cache, key)
     if table is None:
         table = Project(root).task_table()
         cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            pickle.dump((key, table), f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cache)
+        task_cache.save(cache, key, table)
     return {f"task_{base}": _creator(base, doc, tasks) for base, doc, tasks in table}
 
 

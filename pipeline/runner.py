@@ -44,6 +44,8 @@ def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: d
 def run_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
               unkeyed: dict, config: dict, cache: bool = True):
     try:
+        if not module.startswith("pipeline.stages."):  # the task list names stage modules only
+            raise TunebuildError(f"{module!r} is not a stage module")
         key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params)
         entry = importlib.import_module(module).run
         kwargs = {**_as_paths(inputs), **params, **unkeyed}

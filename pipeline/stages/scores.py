@@ -24,6 +24,7 @@ of the recipe; writes `artifacts/scores.duckdb` (unkeyed, under a file lock) and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.stage import Stage
@@ -58,7 +59,7 @@ def tasks(plan):
                     config={"entries": entries, "judge": judge, "pairs": pairs, "logs": logs},
                     params={"recipe": plan.name, "entries": entries, "judge": judge, "pairs": pairs, "logs": logs},
                     unkeyed={"db": db},
-                    uptodate=(Path(db).exists,), provides=("scores", plan.name, {}),
+                    uptodate=((os.path.exists, [db]),), provides=("scores", plan.name, {}),
                     doc=f"load {plan.name}'s results into {db}")
 
 SCHEMA = """
