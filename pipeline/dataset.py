@@ -98,14 +98,23 @@ def lengths_png(path: Path, records: list[dict], title: str) -> None:
     save(fig, path)
 
 
+class NoTrainingExample(TunebuildError):
+    """A dataset left with no training example; `report` is what its report.json would have said. The artifact's
+    folder is a temporary one that is removed, so the caller keeps the report where the user can read it."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
 def finish(out_dir: Path, records: list[dict], heldout_fraction: float, report: dict, title: str) -> dict:
-    """Write the split, report.json (the caller's counts plus split sizes and length statistics) and lengths.png."""
+    """Write the split, report.json (the caller's counts plus split sizes and length statistics) and lengths.png.
+    Raises NoTrainingExample when no record is left for training."""
     train, heldout = write_dataset(out_dir, records, heldout_fraction)
     report = {**report, "kind": kind_of(records[0]) if records else None, "train_examples": train,
               "heldout_examples": heldout, "lengths": length_report(records)}
+    if train == 0:
+        raise NoTrainingExample(f"no training example left out of {report.get('rows_read', len(records))}", report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     lengths_png(out_dir / "lengths.png", records, title)
-    if train == 0:
-        raise TunebuildError(f"no training example left out of {report.get('rows_read', len(records))} "
-                             f"(see {out_dir.name}/report.json for what was dropped and why)")
     return report

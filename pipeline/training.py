@@ -212,14 +212,47 @@ def last_checkpoint(scratch: Path | None) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def log_at_checkpoints_and_end():
+    """A callback that has the trainer log at every checkpoint and at the last step, besides every
+    `logging_steps`: a checkpoint's log history then covers every step before it (the loss of the steps since the
+    last log would otherwise be lost with the killed process) and the history ends at the last step, so the mean
+    loss over all steps can be read from the log, in a resumed run as in an uninterrupted one."""
+    from transformers import TrainerCallback
+
+    class LogAtCheckpointsAndEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after DefaultFlowCallback decided what to do
+            if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogAtCheckpointsAndEnd()
+
+
+def mean_loss(rows: list[dict], steps: int, fallback: float) -> float:
+    """The mean training loss over all `steps` steps, from the logged rows (each the mean since the row before),
+    rounded as the log is: the same for a resumed run as for an uninterrupted one, whose trainer's own
+    `training_loss` only covers the steps since the resume. `fallback` (the trainer's) when the log does not
+    reach the last step."""
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if not losses or losses[-1][0] != steps:
+        return round(float(fallback), 6)
+    total, prev = 0.0, 0
+    for step, loss in losses:
+        total += loss * (step - prev)
+        prev = step
+    return round(total / steps, 6)
+
+
 def fit(trainer, scratch: Path | None, where: str) -> tuple[object, int | None, list[dict]]:
     """Train, resuming from the last checkpoint of an interrupted run with the same run-cache key (passed
     explicitly: transformers ignores TrainingArguments.resume_from_checkpoint). Returns (train result, the step
-    it resumed from or None, the log history rows)."""
+    it resumed from or None, the log history rows: every `logging_steps`, at each checkpoint and at the last
+    step, including those of the interrupted run up to its checkpoint)."""
     checkpoint = last_checkpoint(scratch)
     resumed = int(checkpoint.name.split("-")[-1]) if checkpoint else None
     if checkpoint:
         print(f"{where}: resuming from {checkpoint.name} of an interrupted run", flush=True)
+    trainer.add_callback(log_at_checkpoints_and_end())
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     rows = []
     for logs in trainer.state.log_history:
@@ -291,8 +324,8 @@ def finish(out_dir: Path, trainer, tokenizer, peft_config, base_ref: str, templa
         save_adapter(trainer, tokenizer, out_dir, base_ref)
     else:
         save_model_folder(trainer.model, tokenizer, out_dir, template)
-    summary = {**summary, "steps": result.global_step, "train_loss": round(float(result.training_loss), 6),
-               "resumed_from_step": resumed}
+    summary = {**summary, "steps": result.global_step,
+               "train_loss": mean_loss(log, result.global_step, result.training_loss), "resumed_from_step": resumed}
     return write_logs(out_dir, log, summary)
 
 

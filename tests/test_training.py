@@ -85,7 +85,7 @@ RESUME = """extends = "alpaca_lora_demo.toml"
 [train.sft]
 max_steps = 60
 save_steps = 4
-logging_steps = 1
+logging_steps = 3
 batch_size = 2
 [eval]
 heldout = false
@@ -139,3 +139,44 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     tail_b = [r for r in log_b if r["step"] > after]
     assert [r["step"] for r in tail_a] == [r["step"] for r in tail_b] and tail_a
     assert all(abs(x["loss"] - y["loss"]) < 1e-3 for x, y in zip(tail_a, tail_b)), (tail_a[:3], tail_b[:3])
+    # the summary's loss is over all 60 steps, not only those after the resume: the same as the uninterrupted run's
+    assert _summary_without_resume(a / "artifacts/r/sft/sft") == _summary_without_resume(b / "artifacts/r/sft/sft")
+
+
+def _summary_without_resume(folder):
+    """train_summary.json's lines but the resumed_from_step one."""
+    return [x for x in (folder / "train_summary.json").read_text().splitlines() if '"resumed_from_step"' not in x]
+
+
+def test_a_resumed_training_reports_the_loss_over_all_its_steps(tiny_model, tmp_path):
+    import shutil
+
+    from pipeline.dataset import write_dataset
+    from pipeline.recipe import load_recipes
+    from pipeline.stages import sft
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_dataset(data, [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                                       {"role": "assistant", "content": " ".join(map(str, range(1, i + 2)))}]}
+                         for i in range(12)], 0.0)
+    cfg = {x.name: x for x in load_recipes(ROOT / "recipes")}["demo"].section("train")["sft"]
+    # checkpoints at steps 3, 6 and 8 (the last two kept); logged every 4 steps, and at each checkpoint and the end
+    cfg.update({"max_steps": 8, "save_steps": 3, "logging_steps": 4, "batch_size": 2, "max_length": 64,
+                "data": [{"name": "d", "limit": 0, "weight": 1.0}]})
+    kw = dict(base_model=str(tiny_model), base_ref="builtin:tiny", stage_name="sft", data={"d": data},
+              chat_template=ROOT / "recipes/templates/chatml.jinja", config=cfg, scratch=tmp_path / "scratch")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir()
+    resumed.mkdir()
+    a = sft.run(whole, **kw)
+    shutil.rmtree(tmp_path / "scratch/checkpoint-8")  # as if killed after checkpoint-6: steps 7 and 8 run again
+    b = sft.run(resumed, **kw)
+    assert (a["resumed_from_step"], b["resumed_from_step"]) == (None, 6) and a["steps"] == b["steps"] == 8
+    log = (whole / "train_log.jsonl").read_text()
+    assert (resumed / "train_log.jsonl").read_text() == log
+    rows = [json.loads(x) for x in log.splitlines()]
+    assert [r["step"] for r in rows] == [3, 4, 6, 8]
+    spans = [3, 1, 2, 2]  # each row is the mean loss of the steps since the one before
+    assert a["train_loss"] == round(sum(r["loss"] * n for r, n in zip(rows, spans)) / 8, 6)
+    assert _summary_without_resume(resumed) == _summary_without_resume(whole)

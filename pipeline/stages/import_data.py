@@ -4,7 +4,8 @@ canonical dataset artifact.
 Contract: reads `[data.<name>]` (every table whose source is not `generate`); consumes the file it names (a hub
 dataset is a keyed parameter: pin `revision` to make it reproducible); writes `artifacts/<recipe>/data/<name>/`
 (`train.jsonl`, `heldout.jsonl`, `dropped.jsonl`, `report.json`, `lengths.png`, and `similarity.png` with
-`dedup`) and provides it as a `dataset`.
+`dedup`) and provides it as a `dataset`. An import that keeps no training example fails, and its report (with
+every dropped row and why) is kept as a log, `artifacts/<recipe>/logs/import-<name>.report.json`.
 
 Steps: read the rows (JSON, JSONL, Parquet, CSV, or `datasets.load_dataset` for a hub id), shuffle with
 `shuffle_seed` and keep `limit` rows, recognise the format (`auto`) or use the one given, convert each row to the
@@ -38,6 +39,7 @@ def tasks(plan):
         else:
             params["hub_id"] = d["source"]
         yield plan.task(STAGE, f"{plan.name}.{name}", plan.out("data", name), inputs=inputs, params=params,
+                        unkeyed={"failure_log": str(plan.out("logs", f"import-{name}.report.json"))},
                         config=d, provides=("dataset", name, {"format": d["format"]}),
                         doc=f"import {d['source']} as {plan.name}'s dataset {name}")
 
@@ -58,10 +60,36 @@ def instruction_of(record: dict) -> str:
     return (users[-1] if "prompt" in record else users[0]) if users else ""
 
 
-def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hub_id: str | None = None) -> dict:
+def _failure_log(path) -> Path | None:
+    """Where the report of an import that keeps no training example goes: a log, `artifacts/<recipe>/logs/`,
+    outside the artifact's temporary folder (removed when the task fails) and outside any artifact."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_absolute() or ".." in p.parts or p.parts[:1] != ("artifacts",) or not p.name.endswith(".report.json"):
+        raise TunebuildError(f"import: failure log {path!r} is not a report file under artifacts/")
+    return p
+
+
+def _keep_failure_report(log: Path | None, report: dict, dropped: list[dict]) -> str:
+    """Write the report (and every dropped row with its reason) to `log`; the words pointing at it."""
+    if log is None:
+        return ""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tmp = log.with_name(f"{log.name}.tmp")
+    tmp.write_text(json.dumps({**report, "dropped": dropped}, indent=1, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    tmp.replace(log)
+    return f" (see {log} for what was dropped and why)"
+
+
+def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hub_id: str | None = None,
+        failure_log: str | None = None) -> dict:
+    from pipeline.dataset import NoTrainingExample
     from pipeline.formats import BadRow, FormatError, RowError, detect, read_rows, to_canonical
 
     c = config
+    log = _failure_log(failure_log)
     revision = None
     try:
         if file is not None:
@@ -119,7 +147,19 @@ def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hu
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     from pipeline.dataset import finish
 
-    report = finish(out_dir, records, c["heldout_fraction"], report, f"{label} ({fmt}): {len(records)} records")
+    try:
+        report = finish(out_dir, records, c["heldout_fraction"], report, f"{label} ({fmt}): {len(records)} records")
+    except NoTrainingExample as e:
+        r = e.report
+        why = [f"{r['bad_rows']} bad row(s) skipped (on_bad_row = 'skip')" if r["bad_rows"] else "",
+               f"{r.get('dedup_dropped', 0)} ROUGE-L duplicate(s) dropped" if r.get("dedup_dropped") else "",
+               f"{r['heldout_examples']} held out (heldout_fraction = {c['heldout_fraction']})"
+               if r["heldout_examples"] else ""]
+        raise TunebuildError(f"{label}: no training example left of {r['rows_used']} row(s): "
+                             f"{', '.join(w for w in why if w) or 'none kept'}"
+                             f"{_keep_failure_report(log, r, dropped)}") from None
+    if log is not None:
+        log.unlink(missing_ok=True)  # the import succeeds now: an earlier failure's report no longer applies
     print(f"import: {label}: {rows_read} rows read, {len(records)} kept ({report['train_examples']} train, "
           f"{report['heldout_examples']} held out), {len(dropped)} dropped", flush=True)
     return report
