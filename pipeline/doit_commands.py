@@ -5,6 +5,8 @@
   not built yet, which output is missing. Nothing is executed and doit's state is not written.
 - `doit gc [--yes]`: the artifact folders no current task writes, the run-cache entries no current task would
   restore, and temporary folders of interrupted runs; with the space each frees. Deletes only with `--yes`.
+- `doit runs [--all]`: the timeline of the last build (or of every build) from `artifacts/runs.jsonl`: where and
+  when each stage task ran, on which GPUs or Slurm job, and how it ended.
 
 Both only read the task list and doit's state; like dodo.py they import nothing heavy.
 """
@@ -18,8 +20,9 @@ from pathlib import Path
 from doit.cmd_base import DoitCmdBase, check_tasks_exist
 from doit.exceptions import InvalidCommand
 
+from pipeline.executor import LOGS, RUNS, RUNS_LOG
 from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_changed
-from pipeline.store import config_diff
+from pipeline.store import config_diff, pid_alive
 
 RUN, MAYBE = "will run", "may run"
 
@@ -184,7 +187,7 @@ class Gc(DoitCmdBase):
             keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
                     if Path(t).name == MANIFEST}
             keep_files = {p.resolve() for p in (DB, LEDGER, ARTIFACTS / ".doit.sqlite", TASKS_CACHE,
-                                                ARTIFACTS / ".lock")}
+                                                ARTIFACTS / ".lock", RUNS_LOG)}
             reached_keys = set()
             for task in self.task_list:
                 for action in task.actions:
@@ -199,7 +202,13 @@ class Gc(DoitCmdBase):
             garbage: list[tuple[Path, str]] = []
             cache_root, scratch_root = CACHE.resolve(), SCRATCH.resolve()
             if ARTIFACTS.is_dir():
-                self._walk(ARTIFACTS.resolve(), keep, keep_files, (cache_root, scratch_root), garbage)
+                self._walk(ARTIFACTS.resolve(), keep, keep_files,
+                           (cache_root, scratch_root, LOGS.resolve(), RUNS.resolve()), garbage)
+            if RUNS.is_dir():  # a heavy task's spec and result: garbage once the doit worker that wrote it is gone
+                for entry in sorted(RUNS.resolve().iterdir()):
+                    pid = entry.name.rsplit("-", 1)[-1]
+                    if not (pid.isdigit() and pid_alive(int(pid))):
+                        garbage.append((entry, "spec of a heavy task whose run ended"))
             if cache_root.is_dir():
                 for stage_dir in sorted(p for p in cache_root.iterdir() if p.is_dir()):
                     for entry in sorted(stage_dir.iterdir()):
@@ -257,3 +266,70 @@ class Gc(DoitCmdBase):
             out.write(f"deleted {len(garbage)} item(s), {_human(total)} freed\n")
         else:
             out.write(f"{len(garbage)} item(s), {_human(total)} would be freed: run `doit gc --yes` to delete\n")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def read_runs(path: Path = RUNS_LOG) -> list[dict]:
+    """The lines of runs.jsonl (a torn last line from a killed writer is skipped)."""
+    runs = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and {"task", "start", "end", "state"} <= set(entry):
+                runs.append(entry)
+    return runs
+
+
+def timeline(runs: list[dict], width: int = 40) -> list[str]:
+    """One line per run, in start order: offset, duration, state, executor, devices / job, task, and a bar."""
+    from datetime import datetime
+
+    def t(s: str) -> float:
+        return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+    runs = sorted(runs, key=lambda r: (r["start"], r["task"]))
+    t0, t1 = min(t(r["start"]) for r in runs), max(t(r["end"]) for r in runs)
+    span = max(t1 - t0, 1e-9)
+    busy = sum(t(r["end"]) - t(r["start"]) for r in runs)
+    lines = [f"{len(runs)} task(s), {_clock(t1 - t0)} wall, {_clock(busy)} of task time "
+             f"({busy / span:.2f} at once on average)",
+             f"{'start':>7} {'time':>7}  {'state':<9} {'where':<8} {'devices / job':<14} task"]
+    for r in runs:
+        a, b = t(r["start"]) - t0, t(r["end"]) - t0
+        lo, hi = int(a / span * width), max(int(a / span * width) + 1, int(round(b / span * width)))
+        where = f"job {r['job_id']}" if r.get("job_id") else (",".join(r.get("devices") or []) or "-")
+        bar = " " * lo + "#" * (hi - lo)
+        lines.append(f"{'+' + _clock(a):>7} {_clock(b - a):>7}  {r['state']:<9} {r.get('executor', ''):<8} "
+                     f"{where:<14} {r['task']:<40} |{bar:<{width}}|")
+    return lines
+
+
+class Runs(DoitCmdBase):
+    name = "runs"
+    doc_purpose = "show where and when the last build's stage tasks ran (artifacts/runs.jsonl)"
+    doc_usage = "[--all]"
+    doc_description = ("One line per executed stage task of the last build: start offset, duration, how it ended "
+                       "(computed, restored, failed, cancelled, ...), where (doit, local, slurm), its GPU ids or "
+                       "Slurm job id, and a bar on the build's timeline. A log, not an artifact.")
+    cmd_options = ({"name": "all", "long": "all", "type": bool, "default": False,
+                    "help": "every build in the log, not only the last"},)
+
+    def execute(self, params, args):  # reads a log only: no task loading needed
+        runs = read_runs()
+        if not runs:
+            self.outstream.write(f"no runs recorded yet ({RUNS_LOG})\n")
+            return 0
+        if not params["all"]:
+            last = runs[-1].get("build")
+            runs = [r for r in runs if r.get("build") == last]
+        for line in timeline(runs):
+            self.outstream.write(line + "\n")
+        return 0

@@ -220,14 +220,22 @@ class Plan:
     # -- declaring tasks --------------------------------------------------------------------------------------
     def task(self, stage: Stage, name: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
              unkeyed: dict | None = None, config: dict | None = None, provides: tuple[str, str, dict] | None = None,
-             doc: str = "", uptodate: tuple = (), file_dep: tuple = ()) -> dict:
+             doc: str = "", uptodate: tuple = (), file_dep: tuple = (), gpus: int | None = None) -> dict:
         """One doit task dict running `stage` into `out`.
 
         inputs: argument name -> path (or a dict of name -> path): artifact folders (their manifest becomes a
         file_dep and their digest part of the run-cache key) and recipe files or folders (every file in them).
         params: keyed plain values; unkeyed: values that do not enter the run-cache key (the ledger, the DB).
-        provides: (kind, name, info) registered as a Product for later stages."""
+        provides: (kind, name, info) registered as a Product for later stages.
+        gpus: how many GPUs a heavy stage's task needs (None: the stage's config key, else the machine's default);
+        it never enters the run-cache key or the up-to-date check: where a task runs is not what it is."""
         inputs, params, config = inputs or {}, params or {}, config if config is not None else {}
+        if stage.gpus_key and stage.gpus_key in config:
+            config = dict(config)
+            found = config.pop(stage.gpus_key)
+            gpus = found if gpus is None else gpus
+        if isinstance(stage.gpus, int):
+            gpus = stage.gpus
         deps = list(file_dep)
         for path in _paths(inputs):
             deps += self.project.deps_of(path)
@@ -235,7 +243,7 @@ class Plan:
         action = _action({
             "module": self.project.module_of[stage.name], "stage": stage.name, "version": stage.version,
             "label": from_, "out": str(out), "inputs": inputs, "params": params, "unkeyed": unkeyed or {},
-            "config": config, "cache": stage.cache})
+            "config": config, "cache": stage.cache, **({"heavy": True, "gpus": gpus} if stage.heavy else {})})
         task = {"basename": stage.task_basename, "name": name, "doc": doc or stage.doc,
                 "file_dep": sorted(set(deps)), "targets": [str(out / MANIFEST)],
                 "actions": [action], "uptodate": [config_changed({"stage_version": stage.version, **config}), *uptodate],
@@ -392,13 +400,16 @@ def creators(root: Path) -> dict:
     resulting task list is kept in `artifacts/.tasks.json`, keyed by `_fingerprint` (every recipe file, every
     pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached. The file is data
     only (`pipeline.task_cache`): a planted or corrupted one is ignored and rebuilt, never executed."""
+    import os
     import sys
+    import time
 
     from pipeline import task_cache
     from pipeline.store import hold_checkout
 
     root = Path(root)
     hold_checkout(root / ARTIFACTS, sys.argv[1:])
+    os.environ.setdefault("TUNEBUILD_BUILD", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}-{os.getpid()}")
     cache = root / TASKS_CACHE
     key = _fingerprint(root)
     table = task_cache.load(cache, key)

@@ -73,6 +73,11 @@ class TableOf:
 BLOCKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
              "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 
+
+def _gpus(what: str) -> Key:
+    return Key(int, None, min=0, doc=f"GPUs {what} holds (unset: 1 where GPUs exist, 0 on a CPU machine); where "
+                                    "a task runs, not what it computes: outside the run-cache key")
+
 SCHEMA: dict = {
     "description": Key(str, ""),
     "extends": Key(str, None, doc="another recipe file (relative to this one) whose keys this one overrides"),
@@ -128,6 +133,7 @@ SCHEMA: dict = {
         "max_tokens": Key(int, 1024, min=1),
         "instance_max_tokens": Key(int, 300, min=1),
         "seed": Key(int, 42),
+        "gpus": _gpus("a generation task with backend = 'local'"),
     },
     "filter": {
         "rouge_threshold": Key(float, 0.7, above=0, max=1),
@@ -153,8 +159,9 @@ SCHEMA: dict = {
         "batch_size": Key(int, 4, min=1),
         "gradient_accumulation_steps": Key(int, 1, min=1),
         "max_length": Key(int, 1024, min=8),
-        "max_dropped_fraction": Key(float, 0.1, min=0, max=1, doc="fail when more training examples than this "
-                                                                  "share have no answer token within max_length"),
+        "max_dropped_fraction": Key(float, 0.1, min=0, max=1, doc="fail when more training examples (sft: "
+                                                                  "conversations, dpo: pairs) than this share have "
+                                                                  "no answer token within max_length"),
         "warmup_steps": Key(int, 0, min=0),
         "lr_scheduler": Key(str, "linear"),
         "logging_steps": Key(int, 10, min=1),
@@ -169,6 +176,7 @@ SCHEMA: dict = {
                                                   "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
                                                   "apo_down", "discopop", "sigmoid_norm"), doc="dpo: TRL's loss_type"),
         "precompute_ref_log_probs": Key(bool, False, doc="dpo: compute the reference log-probs once, up front"),
+        "gpus": _gpus("this training stage's task"),
         "lora": {
             "r": Key(int, 8, min=1),
             "alpha": Key(int, 16, min=1),
@@ -182,12 +190,14 @@ SCHEMA: dict = {
     }),
     "merge": {
         "dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16")),
+        "gpus": _gpus("a merge task"),
     },
     "eval": {
         "batch_size": Key(int, 8, min=1),
         "device": Key(str, "auto"),
         "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
         "heldout_max_items": Key(int, 200, min=1),
+        "gpus": _gpus("each evaluation, answers or local-judge task"),
         "judge": {
             "enabled": Key(bool, False, doc="LLM-as-judge: tuned vs base answers on an instruction set"),
             "mode": Key(str, "pairwise", choices=("pairwise", "single")),
@@ -342,11 +352,17 @@ def _read_toml(path: Path) -> dict:
         raise RecipeError(f"{path}: cannot be read: {e.strerror}") from None
 
 
-def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, tuple[Path, ...]]:
-    path = path.resolve()
+def _resolve_extends(path: Path, recipes_dir: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, tuple[Path, ...]]:
+    """The recipe merged with what it extends (relative to the extending file, inside `recipes_dir`), and the
+    files it was merged from."""
+    shown, path = path, path.resolve()
     if path in seen:
         chain = " -> ".join(p.name for p in (*seen, path))
         raise RecipeError(f"{seen[0]}: extends: circular ({chain})")
+    if not seen and not path.is_relative_to(Path(recipes_dir).resolve()):  # e.g. a link to a file elsewhere
+        link = f" (a link to {path})" if Path(shown).absolute() != path else ""
+        raise RecipeError(f"{shown}: the recipe file is outside {recipes_dir}{link}: recipes and the files they "
+                          f"name stay inside it")
     raw = _read_toml(path)
     parent = raw.pop("extends", None)
     if parent is None:
@@ -354,9 +370,12 @@ def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, tup
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: expected a string naming a recipe file, got {parent!r}")
     parent_path = path.parent / parent
+    if Path(parent).is_absolute() or not parent_path.resolve().is_relative_to(Path(recipes_dir).resolve()):
+        raise RecipeError(f"{path}: extends: '{parent}' is outside {recipes_dir} (expected a recipe file inside "
+                          f"it, relative to {path.parent})")
     if not parent_path.exists():
         raise RecipeError(f"{path}: extends: file '{parent}' does not exist")
-    base, files = _resolve_extends(parent_path, (*seen, path))
+    base, files = _resolve_extends(parent_path, recipes_dir, (*seen, path))
     return _deep_merge(base, raw), (path, *files)
 
 
@@ -371,7 +390,7 @@ def load_recipe_variants(path: Path, recipes_dir: Path) -> list[Recipe]:
     name = path.stem
     if not NAME_RE.match(name) or "." in name:
         raise RecipeError(f"{path}: recipe file names may hold letters, digits, '_' and '-' only")
-    raw, files = _resolve_extends(path)
+    raw, files = _resolve_extends(path, recipes_dir)
     sweep = raw.pop("sweep", None)
     if sweep is None:
         return [_load(path, name, raw, files, recipes_dir)]
@@ -525,7 +544,7 @@ def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
 
 
 DPO_ONLY = ("beta", "loss_type", "precompute_ref_log_probs")
-SFT_ONLY = ("max_dropped_fraction",)
+SFT_ONLY = ()
 
 
 def _check_train(path: Path, raw_train: dict, c: dict) -> None:

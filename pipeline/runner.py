@@ -14,7 +14,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from pipeline.errors import TunebuildError
-from pipeline.store import build_cached, cache_key, input_digest
+from pipeline.store import build_cached, cache_key, input_digest, is_complete
 
 CACHE = Path("artifacts") / ".cache"
 SCRATCH = Path("artifacts") / ".scratch"   # resumable progress of long stages, keyed like the run cache
@@ -41,8 +41,29 @@ def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: d
     return cache_key(stage, version, config, {**_digest(inputs), **params})
 
 
-def run_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
-              unkeyed: dict, config: dict, cache: bool = True):
+_DOIT_KEYWORDS = ("task", "targets", "dependencies", "changed")  # what doit passes a **kwargs action
+
+
+def run_stage(**kwargs):
+    """The doit action of every stage task. A light stage runs here, in the doit process; a heavy one (its
+    contract asks for GPUs) goes to the executor, which runs `compute_stage` in a child process or a Slurm job
+    holding the task's GPUs. Either way one line goes to `artifacts/runs.jsonl`."""
+    from pipeline import executor
+
+    task = {k: v for k, v in kwargs.items() if k not in _DOIT_KEYWORDS}
+    if task.get("heavy") and not executor.in_child():
+        return executor.run_heavy(task)
+    started = executor.now()
+    error, how = compute_stage(**task)
+    executor.log_run(task["label"], started, executor.now(), "doit", "failed" if error else how)
+    return TaskFailed(error) if error else None
+
+
+def compute_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
+                  unkeyed: dict, config: dict, cache: bool = True, **_) -> tuple[str | None, str]:
+    """Restore the task's output from the run cache or compute it, atomically. Returns (one-line error or None,
+    "restored" | "computed")."""
+    how = "computed"
     try:
         if not module.startswith("pipeline.stages."):  # the task list names stage modules only
             raise TunebuildError(f"{module!r} is not a stage module")
@@ -65,10 +86,21 @@ def run_stage(*, module: str, stage: str, version: int, label: str, out: str, in
             # stderr: shown at every verbosity, also for tasks whose stdout doit captures
             print(f"{label}: restored from the run cache ({CACHE / stage / key})", file=sys.stderr, flush=True)
     except TunebuildError as e:
-        return TaskFailed(f"{label}: {e}")
+        return f"{label}: {e}", how
     except FileNotFoundError as e:
-        return TaskFailed(f"{label}: missing input {e.filename}")
-    return None
+        return f"{label}: missing input {e.filename}", how
+    return None, how
+
+
+def cached(*, stage: str, version: int, config: dict, inputs: dict, params: dict, cache: bool = True, **_) -> bool:
+    """True when the run cache holds this task's output (restoring it needs no GPU and no child process)."""
+    if not cache:
+        return False
+    try:
+        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params)
+    except OSError:
+        return False
+    return is_complete(CACHE / stage / key)
 
 
 def remove_output(out: str) -> None:

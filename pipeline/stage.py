@@ -33,10 +33,25 @@ class Stage:
     cache: bool = True           # keep finished outputs in the run cache
     verbosity: int = 2           # doit verbosity of its tasks (1: doit captures stdout)
     in_build: bool = True        # part of `doit build:<recipe>` (False: run only when named, e.g. `chat:<recipe>`)
+    # What its work needs. None: a light stage; it runs in the doit process and never holds a GPU. Otherwise a heavy
+    # stage, run by the executor (`pipeline.executor`) in a child process or a Slurm job: an int is a fixed number of
+    # GPUs; a string is the recipe key that gives the number ("train.<name>.gpus"): its last part is read from the
+    # task's config section (and kept out of its run-cache key), or the stage hands it to `plan.task(gpus=...)`.
+    # Unset in the recipe: 1 where GPUs exist, 0 on a CPU machine (decided when the task runs).
+    gpus: int | str | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:
             raise ValueError(f"stage {self.name}: phase {self.phase!r} is not one of {PHASES}")
+
+    @property
+    def heavy(self) -> bool:
+        return self.gpus is not None
+
+    @property
+    def gpus_key(self) -> str | None:
+        """The key of the task's config section holding its GPU count, when that varies by recipe."""
+        return self.gpus.rsplit(".", 1)[-1] if isinstance(self.gpus, str) else None
 
     @property
     def task_basename(self) -> str:

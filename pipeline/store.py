@@ -141,7 +141,7 @@ def _remove_stale_temps(final: Path) -> None:
 
 
 # doit commands that only read: they never wait for the checkout lock
-READ_ONLY_COMMANDS = {"list", "info", "help", "why", "dumpdb", "tabcompletion", "strace"}
+READ_ONLY_COMMANDS = {"list", "info", "help", "why", "runs", "dumpdb", "tabcompletion", "strace"}
 DOIT_COMMANDS = READ_ONLY_COMMANDS | {"run", "clean", "forget", "ignore", "reset-dep", "gc", "auto"}
 _CHECKOUT_LOCK = None  # the open lock file, held for the life of this doit process (and its forked workers)
 

@@ -143,6 +143,7 @@ def _check_call(item, *, what: str):
             raise CacheInvalid(f"{what}: run_stage of {kwargs.get('module')!r}")
         _relative(kwargs.get("out"), under="artifacts")
         _strings(kwargs.get("inputs", {}), _relative)
+        _strings(kwargs.get("unkeyed", {}), lambda v: _relative(v) if isinstance(v, str) else v)  # ledger, db, logs
     elif ref == "pipeline.runner:remove_output":
         if len(args) != 1 or kwargs:
             raise CacheInvalid(f"{what}: remove_output arguments")

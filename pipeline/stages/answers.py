@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="answers", version=1, phase="eval", section="eval.judge",
+STAGE = Stage(name="answers", version=1, phase="eval", section="eval.judge", gpus="eval.gpus",
               doc="A model's answers to the LLM judge's instruction set.")
 
 
@@ -32,6 +32,7 @@ def tasks(plan):
         inputs["instructions"] = plan.rel(j["instructions"])
         yield plan.task(STAGE, f"{plan.name}.{role}", plan.out(STAGE, role), inputs=inputs, params=params,
                         config={k: j[k] for k in ("answer_max_tokens", "judge_max_items")},
+                        gpus=plan.section("eval")["gpus"],
                         provides=("answers", role, {"model": models[role]}),
                         doc=f"the {role} model's answers to the judge's instructions for {plan.name}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.stage import Stage
 
-STAGE = Stage(name="builtin", version=1, phase="project",
+STAGE = Stage(name="builtin", version=1, phase="project", gpus=0,
               doc="Build the built-in models the recipes name (builtin:tiny).")
 TINY_CONFIG = {"seed": 0}
 

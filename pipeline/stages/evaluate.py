@@ -2,7 +2,8 @@
 
 A suite is a list of lm-eval task names plus, for local suites, an `include_path` folder of task YAML and data
 under `recipes/evals/` (its `data_files` paths are relative to that folder; the stage runs lm-eval from there).
-Hub suites (`mmlu`, `cmmlu`, ...) need no include_path. Output: `results.json` (per task and metric: value,
+Every path its YAML names (`include`, a local `dataset_path`, `data_dir`, `data_files`) stays inside recipes/:
+`check_suite_paths`, when the graph is made and again before lm-eval runs. Hub suites (`mmlu`, `cmmlu`, ...) need no include_path. Output: `results.json` (per task and metric: value,
 stderr, n; the resolved task configs, package versions and the eval settings) and
 `samples/<task>.jsonl` with every scored document. Nothing time-dependent and no absolute path is written, so a
 repeated evaluation, in any folder, gives an identical artifact.
@@ -22,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="evaluate", version=2, phase="eval", section="eval",
+STAGE = Stage(name="evaluate", version=2, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
 
 
@@ -36,9 +37,11 @@ def tasks(plan):
             params["suite"] = run_settings
             if sc["include_path"]:
                 inputs["include_path"] = plan.rel(sc["include_path"])
+                # like a recipe's file keys: a path leaving recipes/ stops `doit list`, with one line
+                check_suite_paths_once(plan.project.recipes_dir / sc["include_path"], plan.project.recipes_dir)
             categories = plan.rel(sc["categories"]) if sc["categories"] else None
             yield plan.task(STAGE, f"{plan.name}.{role}.{suite}", plan.out("eval", f"{role}-{suite}"),
-                            inputs=inputs, params=params, config=config,
+                            inputs=inputs, params=params, config=config, gpus=ev["gpus"],
                             file_dep=[categories] if categories else (),
                             provides=("evaluation", f"{role}.{suite}",
                                       {"role": role, "suite": suite, "model": src, "categories": categories}),
@@ -56,35 +59,182 @@ def _yaml_loader():
     return Loader
 
 
-def check_local_suite(folder: Path) -> None:
-    """Before lm-eval runs: every task YAML under `folder` parses, names data files that exist, whose JSON Lines
-    parse and hold the fields `doc_to_target` reads. Each problem is one line naming the file (and line)."""
+class YamlError(TunebuildError):
+    """A task YAML that cannot be read as YAML."""
+
+
+def _read_yaml(path: Path, loader):
     import yaml
 
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+    except UnicodeDecodeError as e:
+        raise YamlError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise YamlError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise YamlError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+
+
+def _recipes_dir_of(folder: Path) -> Path:
+    """The `recipes` folder a suite folder lies in (the nearest one), else the suite folder itself."""
+    folder = Path(folder).absolute()
+    return next((p for p in (folder, *folder.parents) if p.name == "recipes"), folder)
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value or "::" in value  # http(s)://, hf://, file://, zip://...::..., fsspec chains
+
+
+def _inside(value, base: Path, recipes_dir: Path, where: str, what: str) -> Path:
+    """The local path `value` names, resolved as lm-eval / datasets resolve it (against `base` unless absolute);
+    one line naming `where` unless it stays inside `recipes_dir`."""
+    if not isinstance(value, str) or not value:
+        raise TunebuildError(f"{where}: expected {what} (a path relative to {base}), got {value!r}")
+    if _is_url(value):
+        raise TunebuildError(f"{where}: '{value}' is a URL; expected {what} inside {recipes_dir} (relative to "
+                             f"{base})")
+    target = Path(value) if Path(value).is_absolute() else base / value
+    if not target.resolve().is_relative_to(Path(recipes_dir).resolve()):
+        raise TunebuildError(f"{where}: '{value}' is outside {recipes_dir} (expected {what} inside it, relative "
+                             f"to {base})")
+    return target
+
+
+def _suite_config(path: Path, recipes_dir: Path, loader, seen: tuple = ()) -> tuple[object, dict]:
+    """A task YAML as lm-eval reads it: its `include`s (relative to its folder, each inside `recipes_dir`) merged
+    under its own keys. Returns (config, key -> the file that sets it)."""
+    doc = _read_yaml(path, loader)
+    if not isinstance(doc, dict) or "include" not in doc:
+        return doc, {k: path for k in doc} if isinstance(doc, dict) else {}
+    includes = doc["include"]
+    merged, origin = {}, {}
+    for inc in includes if isinstance(includes, list) else [includes]:
+        target = _inside(inc, path.resolve().parent, recipes_dir, f"{path}: include", "a task YAML file")
+        if not target.is_file():
+            raise TunebuildError(f"{path}: include: '{inc}' does not exist (include is relative to {path.parent})")
+        if target.resolve() in seen or target.resolve() == path.resolve():
+            raise TunebuildError(f"{path}: include: '{inc}' is circular")
+        inc_doc, inc_origin = _suite_config(target, recipes_dir, loader, (*seen, path.resolve()))
+        if not isinstance(inc_doc, dict):
+            raise TunebuildError(f"{target}: expected a task config (a YAML mapping), as {path} includes it")
+        inc_doc.pop("task_list", None)
+        merged.update(inc_doc)
+        origin.update({k: inc_origin.get(k, target) for k in inc_doc})
+    merged.update({k: v for k, v in doc.items() if k != "include"})
+    origin.update({k: path for k in doc if k != "include"})
+    return merged, origin
+
+
+def _task_configs(doc: dict, origin: dict, path: Path):
+    """(config, where its keys are written, key prefix) for a task YAML and the inline tasks its `task:` list holds."""
+    yield doc, origin, ""
+    todo = [(doc, "")]
+    while todo:
+        cfg, prefix = todo.pop()
+        items = cfg.get("task")
+        if not isinstance(items, list):
+            continue
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                where = f"{prefix}task[{i}]."
+                yield item, {k: origin.get("task", path) for k in item}, where
+                todo.append((item, where))
+
+
+# `datasets` builder names: a `dataset_path` like these is a file format, not a folder to read
+BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "sql", "xml", "webdataset", "imagefolder",
+            "audiofolder", "videofolder", "pdffolder", "niftifolder", "hdf5", "lance", "eval", "cache"}
+
+
+def _dataset_paths(cfg: dict, origin: dict, prefix: str, path: Path, folder: Path,
+                   recipes_dir: Path) -> list[tuple[Path, str, Path, Path]]:
+    """Check every local path that `datasets.load_dataset` would read for this task config, resolved as it
+    resolves them (lm-eval runs in the suite folder): a local folder as `dataset_path`, `dataset_kwargs.data_dir`
+    and each of `dataset_kwargs.data_files` (a path, a list, or a table split -> path or list). Returns (file
+    whose key it is, the value, its path, the folder it is relative to) per data file."""
+    base = folder
+    dataset_path = cfg.get("dataset_path")
+    if isinstance(dataset_path, str) and dataset_path and not _is_url(dataset_path) and dataset_path not in BUILDERS:
+        local = Path(dataset_path) if Path(dataset_path).is_absolute() else folder / dataset_path
+        if local.exists():  # datasets reads a local folder of that name (else it is a hub dataset id)
+            base = _inside(dataset_path, folder, recipes_dir,
+                           f"{origin.get('dataset_path', path)}: {prefix}dataset_path", "a data folder")
+    kwargs = cfg.get("dataset_kwargs")
+    if not isinstance(kwargs, dict):
+        return []
+    where = f"{origin.get('dataset_kwargs', path)}: {prefix}dataset_kwargs"
+    if kwargs.get("data_dir") is not None:
+        data_dir = kwargs["data_dir"]
+        expanded = str(Path(data_dir).expanduser()) if isinstance(data_dir, str) else data_dir  # as datasets does
+        base = _inside(expanded, base, recipes_dir, f"{where}.data_dir", "a data folder")
+    files = kwargs.get("data_files")
+    if files is None:
+        return []
+    named = [(f"{where}.data_files.{split}", v) for split, v in files.items()] if isinstance(files, dict) \
+        else [(f"{where}.data_files", files)]
+    out = []
+    for key, value in named:
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise TunebuildError(f"{key}: expected a data file, a list of them, or a table split -> file(s) "
+                                 f"(paths relative to {base}), got {value!r}")
+        for i, rel in enumerate(value if isinstance(value, list) else [value]):
+            at = f"{key}[{i}]" if isinstance(value, list) else key
+            out.append((origin.get("dataset_kwargs", path), rel,
+                        _inside(rel, base, recipes_dir, at, "a data file"), base))
+    return out
+
+
+def check_suite_paths(folder: Path, recipes_dir: Path | None = None) -> list[tuple[Path, dict, list]]:
+    """Every path a local suite's task YAML names stays inside `recipes_dir` (default: the `recipes` folder the
+    suite lies in): each YAML itself, its `include`s (relative to its folder), a local `dataset_path` and the
+    `dataset_kwargs` `data_dir` and `data_files` (relative to the suite folder, where lm-eval runs). Each problem
+    is one line naming the YAML file and the key. Returns (YAML, its merged config, its data files) per task YAML."""
+    folder = Path(folder)
+    recipes_dir = Path(recipes_dir) if recipes_dir is not None else _recipes_dir_of(folder)
     loader = _yaml_loader()
-    for path in sorted(Path(folder).rglob("*.yaml")):
-        try:
-            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
-        except UnicodeDecodeError as e:
-            raise TunebuildError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise TunebuildError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    out = []
+    for path in sorted(folder.rglob("*.yaml")):  # the files lm-eval's TaskManager indexes
+        if not path.resolve().is_relative_to(recipes_dir.resolve()):
+            raise TunebuildError(f"{path}: a link to {path.resolve()}, outside {recipes_dir} (a suite's task YAML "
+                                 f"stays inside it)")
+        doc, origin = _suite_config(path, recipes_dir, loader)
         if not isinstance(doc, dict):
             continue
-        files = ((doc.get("dataset_kwargs") or {}).get("data_files")) if isinstance(doc.get("dataset_kwargs"), dict) \
-            else None
-        if isinstance(files, str):
-            files = [files]
-        elif isinstance(files, dict):
-            files = [f for v in files.values() for f in ([v] if isinstance(v, str) else v or [])]
+        files = [f for cfg, orig, prefix in _task_configs(doc, origin, path)
+                 for f in _dataset_paths(cfg, orig, prefix, path, folder, recipes_dir)]
+        out.append((path, doc, files))
+    return out
+
+
+_CHECKED: dict[tuple, None] = {}  # suite folders whose paths were checked in this process, by their YAML files
+
+
+def check_suite_paths_once(folder: Path, recipes_dir: Path) -> None:
+    """`check_suite_paths` for the graph (every recipe's every model names the same few suites): once per folder
+    and state of its YAML files. A YAML that does not parse is left to the evaluation, which names it."""
+    key = (str(Path(folder).resolve()), str(Path(recipes_dir).resolve()),
+           tuple((str(p), p.lstat().st_mtime_ns, p.lstat().st_size) for p in sorted(Path(folder).rglob("*.yaml"))))
+    if key not in _CHECKED:
+        try:
+            check_suite_paths(folder, recipes_dir)
+        except YamlError:
+            pass
+        _CHECKED[key] = None
+
+
+def check_local_suite(folder: Path, recipes_dir: Path | None = None) -> None:
+    """Before lm-eval runs: every task YAML under `folder` parses, names only paths inside recipes/
+    (`check_suite_paths`) and data files that exist, whose JSON Lines parse and hold the fields `doc_to_target`
+    reads. Each problem is one line naming the file (and line)."""
+    for path, doc, files in check_suite_paths(folder, recipes_dir):
         target = doc.get("doc_to_target")
         fields = re.findall(r"{{\s*([A-Za-z_]\w*)\s*}}", target) if isinstance(target, str) else []
-        for rel in files or []:
-            data = Path(folder) / rel
+        for where, rel, data, base in files:
             if not data.is_file():
-                raise TunebuildError(f"{path}: data file '{rel}' does not exist (data_files are relative to {folder})")
+                raise TunebuildError(f"{where}: data file '{rel}' does not exist (data_files are relative to {base})")
             if data.suffix in (".jsonl", ".json"):
                 _check_jsonl(data, fields, path.name)
 

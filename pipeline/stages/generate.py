@@ -32,7 +32,7 @@ from pipeline.errors import TunebuildError
 from pipeline.prompts import read_template, render
 from pipeline.stage import Stage
 
-STAGE = Stage(name="generate", version=1, phase="source", section="generate",
+STAGE = Stage(name="generate", version=1, phase="source", section="generate", gpus="generate.gpus",
               doc="Self-instruct: grow the seed tasks into instructions and instances through the LLM ledger.")
 
 
@@ -53,7 +53,8 @@ def tasks(plan):
         out = plan.out(STAGE, name)
         yield plan.task(STAGE, f"{plan.name}.{name}", out, inputs=inputs, params=params, config=c,
                         unkeyed={"ledger": plan.ledger, "recipe": plan.name},
-                        provides=("pool", name, {}), doc=f"self-instruct generation of {plan.name}'s {name}")
+                        provides=("pool", name, {}), doc=f"self-instruct generation of {plan.name}'s {name}",
+                        gpus=None if c["backend"] == "local" else 0)
 
 
 def read_seeds(path: Path) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="heldout", basename="evaluate", version=2, phase="eval", section="eval",
+STAGE = Stage(name="heldout", basename="evaluate", version=2, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
 
 
@@ -34,7 +34,7 @@ def tasks(plan):
         inputs, params = src.as_arg("model")
         inputs.update(data={Path(d).name: d for d in datasets}, chat_template=template)
         yield plan.task(STAGE, f"{plan.name}.{role}.heldout", plan.out("eval", f"{role}-heldout"), inputs=inputs,
-                        params=params, config={"heldout_max_items": ev["heldout_max_items"]},
+                        params=params, config={"heldout_max_items": ev["heldout_max_items"]}, gpus=ev["gpus"],
                         provides=("evaluation", f"{role}.heldout",
                                   {"role": role, "suite": "heldout", "model": src, "categories": None}),
                         doc=f"held-out loss of the {role} model of {plan.name}")

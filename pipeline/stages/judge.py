@@ -28,7 +28,7 @@ from pipeline.errors import TunebuildError
 from pipeline.prompts import read_template, render
 from pipeline.stage import Stage
 
-STAGE = Stage(name="judge", version=1, phase="compare", section="eval.judge",
+STAGE = Stage(name="judge", version=1, phase="compare", section="eval.judge", gpus="eval.gpus",
               doc="LLM-as-judge: the final model vs a reference model, both orders (or single-answer grading).")
 ANSWER_KEYS = ("answer_max_tokens", "judge_max_items")  # the answers stage's part of [eval.judge]
 
@@ -47,6 +47,7 @@ def tasks(plan):
                     params={**params, "candidate_name": cand.name, "reference_name": ref.name},
                     config={k: v for k, v in j.items() if k not in ANSWER_KEYS},
                     unkeyed={"ledger": plan.ledger, "recipe": plan.name},
+                    gpus=plan.section("eval")["gpus"] if j["backend"] == "local" else 0,
                     provides=("judgement", f"{cand.name}-vs-{ref.name}",
                               {"model": cand.info["model"], "role": cand.name, "reference": ref.name,
                                "prompt": plan.rel(j["prompt"])}),

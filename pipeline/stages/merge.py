@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.stage import Stage
 
-STAGE = Stage(name="merge", version=2, phase="models", section="merge", verbosity=1,
+STAGE = Stage(name="merge", version=2, phase="models", section="merge", verbosity=1, gpus="merge.gpus",
               doc="Merge a LoRA / QLoRA adapter into the full-precision model it was trained from.")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="sft", version=4, phase="train", section="train.<name>",
+STAGE = Stage(name="sft", version=5, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
 
 
@@ -75,10 +75,12 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     print(f"sft {stage_name}: {counts['examples']} training conversations: {counts['kept']} kept, "
           f"{counts['truncated']} truncated to max_length {c['max_length']}, {counts['dropped']} dropped (no answer "
           f"token within max_length)", flush=True)
-    if counts["dropped"] > c["max_dropped_fraction"] * counts["examples"]:
+    if counts["dropped"] > c["max_dropped_fraction"] * counts["examples"] or not counts["kept"]:
+        why = "none is left to train on" if not counts["kept"] else \
+            f"more than max_dropped_fraction = {c['max_dropped_fraction']}"
         raise TunebuildError(f"{where}.max_length: {counts['dropped']} of {counts['examples']} training "
-                             f"conversations have no answer token within {c['max_length']} tokens (more than "
-                             f"max_dropped_fraction = {c['max_dropped_fraction']}): raise max_length")
+                             f"conversations have no answer token within {c['max_length']} tokens ({why}): "
+                             f"raise max_length")
     with tempfile.TemporaryDirectory(prefix="tunebuild-sft-") as tmp:
         output_dir = str(scratch) if scratch is not None else tmp
         args = SFTConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"],
