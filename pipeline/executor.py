@@ -32,6 +32,7 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
+from pipeline.console import verbose
 from pipeline.errors import TunebuildError
 
 RUNS_LOG = Path("artifacts") / "runs.jsonl"
@@ -166,8 +167,11 @@ def _run_local(task: dict, spec: Path, result: Path, log: Path, started: float) 
         with open(log, "w", encoding="utf-8") as log_file:
             proc = subprocess.Popen(child_command(spec, result), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, pass_fds=lease.fds, preexec_fn=_set_pdeathsig)
+            # the stage's own messages (stdout) reach the terminal; library noise (stderr: progress bars,
+            # warnings) only the log, unless TUNEBUILD_VERBOSE=1
+            noise = [sys.stderr, log_file] if verbose() else [log_file]
             relays = [threading.Thread(target=_relay, args=(proc.stdout, [sys.stdout, log_file]), daemon=True),
-                      threading.Thread(target=_relay, args=(proc.stderr, [sys.stderr, log_file]), daemon=True)]
+                      threading.Thread(target=_relay, args=(proc.stderr, noise), daemon=True)]
             for r in relays:
                 r.start()
             try:
@@ -189,8 +193,10 @@ def _run_local(task: dict, spec: Path, result: Path, log: Path, started: float) 
         log_run(label, began, now(), "local", outcome.get("how", "computed"), devices=lease.ids, visible=visible,
                 log=log)
         return None
+    if not verbose() and not (outcome and outcome.get("error") and not outcome.get("bug")):
+        show_tail(log)
     if outcome and outcome.get("error"):
-        error = outcome["error"]
+        error = outcome["error"] + (f"; log: {log}" if outcome.get("bug") else "")
     elif code < 0:
         error = f"{label}: its process was killed ({signal.Signals(-code).name}); log: {log}"
     else:
@@ -198,6 +204,16 @@ def _run_local(task: dict, spec: Path, result: Path, log: Path, started: float) 
     log_run(label, began, now(), "local", "failed" if code >= 0 else "killed", devices=lease.ids, visible=visible,
             log=log)
     return error
+
+
+def show_tail(log: Path, lines: int = 25) -> None:
+    """The end of a failed task's log (its traceback), on stderr: errors print in full."""
+    try:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    if tail:
+        print(f"--- the last {len(tail)} lines of {log}:", *tail, sep="\n", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -211,6 +227,7 @@ def main(argv: list[str]) -> int:
     os.environ["TUNEBUILD_IN_CHILD"] = "1"
     task = json.loads(spec.read_text())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    bug = False
     try:
         from pipeline.runner import compute_stage
 
@@ -220,11 +237,12 @@ def main(argv: list[str]) -> int:
 
         traceback.print_exc()
         error, how = f"{task['label']}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "failed"
+        bug = True
     sys.stdout.flush()
     sys.stderr.flush()
     tmp = result.with_name(result.name + ".tmp")
-    tmp.write_text(json.dumps({"error": error, "how": how, "visible": visible, "host": socket.gethostname(),
-                               "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"error": error, "bug": bug, "how": how, "visible": visible,
+                               "host": socket.gethostname(), "pid": os.getpid()}))
     os.replace(tmp, result)
     return 1 if error else 0
 

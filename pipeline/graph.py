@@ -17,6 +17,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.console import Reporter
 from pipeline.recipe import Recipe, RecipeError, load_recipes
 from pipeline.stage import EVAL_PHASES, PHASES, Product, Stage
 
@@ -32,6 +33,7 @@ DOIT_CONFIG = {
     "dep_file": str(ARTIFACTS / ".doit.sqlite"),
     "continue": True,                     # one recipe that cannot be built does not stop the others
     "default_tasks": ["build"],
+    "reporter": Reporter,                 # one line per task and failure, then a summary (pipeline.console)
 }
 
 

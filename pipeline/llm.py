@@ -370,7 +370,7 @@ class Client:
         if retried:
             kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(retried.items()))
             print(f"{self.backend.name} {self.backend.where}: {sum(retried.values())} failed attempts retried "
-                  f"({kinds})", file=sys.stderr)
+                  f"({kinds})", flush=True)
         if failures:
             first = failures[0]
             if not isinstance(first, TunebuildError):

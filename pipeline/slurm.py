@@ -19,9 +19,9 @@ storage is disabled"), and it pickles the function it runs. Here the job runs a 
 
 The job writes the artifact itself with the runner's rules (temporary folder, manifest last), so a job killed
 halfway leaves nothing that looks finished; a training's checkpoints stay in `artifacts/.scratch/`, so the next
-build resumes it. Its output goes to `artifacts/.logs/<task>.log`, which is streamed to the terminal while the
-job runs. Ctrl-C on doit cancels the job. Failure, timeout, preemption and `scancel` each end the task with one
-line naming the job id and the log.
+build resumes it. Its output goes to `artifacts/.logs/<task>.log`, streamed to the terminal while the job runs
+when `TUNEBUILD_VERBOSE=1`. Ctrl-C on doit cancels the job. Failure, timeout, preemption and `scancel` each end
+the task with one line naming the job id and the log.
 """
 from __future__ import annotations
 
@@ -123,9 +123,12 @@ def run(task: dict, spec: Path, result: Path, log: Path, started: float) -> str 
         return f"{label}: sbatch refused the job: {why}"
     job_id = submit.stdout.strip().split(";")[0]
     print(f"{label}: submitted as Slurm job {job_id} (log: {log})", file=sys.stderr, flush=True)
+    from pipeline.console import verbose
+
     stop = threading.Event()
     tail = threading.Thread(target=_tail, args=(log, stop), daemon=True)
-    tail.start()
+    if verbose():  # the whole log as it grows; else only the outcome
+        tail.start()
     state, code = None, ""
     try:
         while True:
@@ -138,7 +141,8 @@ def run(task: dict, spec: Path, result: Path, log: Path, started: float) -> str 
         raise
     finally:
         stop.set()
-        tail.join(timeout=5)
+        if tail.is_alive():
+            tail.join(timeout=5)
     outcome = read_result(result)
     if state is None:  # purged from the controller's memory: the result file tells
         state = "COMPLETED" if outcome and not outcome.get("error") else "FAILED"

@@ -1,6 +1,7 @@
 """Heavy stage tasks run in child processes holding exclusive GPU leases (fake ids from TUNEBUILD_GPUS on this
 CPU machine); runs.jsonl records where and when each ran (issue 17)."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -166,3 +167,18 @@ def test_a_heavy_task_that_asks_too_much_fails_in_one_line(tmp_path):
     assert rc != 0
     assert "sft:slots.a: needs 2 GPU(s) but this machine shares 1 (TUNEBUILD_GPUS=0)" in out
     assert "Traceback" not in out
+
+
+def test_library_noise_goes_to_the_log_and_a_summary_ends_the_build(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "l").mkdir()
+    quiet = copy_project(tmp_path / "q", recipes=("alpaca_lora_demo.toml",))
+    _, _, out, _ = run_doit(quiet, "builtin:tiny")
+    log = (quiet / "artifacts" / ".logs" / "builtin-tiny.log").read_text()
+    assert "Writing model shards" in log and "Writing model shards" not in out   # a progress bar: log only
+    assert re.search(r"^tunebuild: 1 computed, 0 restored from the run cache, 0 up to date; ", out, re.M), out
+    loud = copy_project(tmp_path / "l", recipes=("alpaca_lora_demo.toml",))
+    _, _, out, _ = run_doit(loud, "builtin:tiny", env={"TUNEBUILD_VERBOSE": "1"})
+    assert "Writing model shards" in out
+    _, _, out, _ = run_doit(loud, "builtin:tiny")
+    assert "-- builtin:tiny" in out and "tunebuild:" not in out   # nothing ran: no summary

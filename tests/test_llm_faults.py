@@ -63,7 +63,7 @@ def test_30_percent_faults_of_every_kind_one_run_finishes_and_a_rerun_sends_noth
         assert server.paid_twice == 0
         assert client.usage.sent == len(server.requests) == len(PROMPTS)  # answered requests, not attempts
         assert client.usage.requests == len(PROMPTS)
-        assert "failed attempts retried" in capsys.readouterr().err
+        assert "failed attempts retried" in capsys.readouterr().out
 
         # a second run: everything from the ledger, nothing sent
         received = len(server.received)
