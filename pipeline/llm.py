@@ -250,35 +250,27 @@ class OpenAIBackend:
 
 
 class LocalBackend:
+    """A transformers model answering through the batched engine (`pipeline.generation.HFEngine`): a call's
+    prompts are decoded many at a time, each as if alone (sampling seeded per request by its ledger key)."""
     name = "local"
 
     def __init__(self, model_path: str, identity: str):
-        from pipeline.hf import load_causal_lm
+        from pipeline.generation import HFEngine
 
         self.model_id = identity
-        self.model, self.tokenizer = load_causal_lm(model_path)
-        self.model.eval()
+        self.engine = HFEngine(model_path)
+        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
+        self.batch_size = self.engine.batch_size
 
     def complete(self, prompt: str, params: dict, sample_index: int) -> Entry:
-        import torch
+        return self.complete_batch([prompt], params, sample_index)[0]
 
-        key = request_key(self.name, self.model_id, prompt, params, sample_index)
-        torch.manual_seed(int(key[:12], 16))  # the same request always samples the same text
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        room = getattr(self.model.config, "max_position_embeddings", 4096) - params["max_tokens"]
-        ids = ids[:, -max(room, 1):]
-        ids = ids.to(self.model.device)
-        temperature = params["temperature"]
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=params["max_tokens"],
-                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                top_p=params["top_p"] if temperature > 0 else None,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        new = out[0, ids.shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return Entry(text=_truncate_at_stop(text, params.get("stop") or []), prompt_tokens=int(ids.shape[1]),
-                     completion_tokens=int(new.shape[0]))
+    def complete_batch(self, prompts: list[str], params: dict, sample_index: int) -> list[Entry]:
+        seeds = [int(request_key(self.name, self.model_id, p, params, sample_index)[:12], 16) for p in prompts]
+        done = self.engine.generate(prompts, max_new_tokens=params["max_tokens"], temperature=params["temperature"],
+                                    top_p=params["top_p"], seeds=seeds)
+        return [Entry(text=_truncate_at_stop(c.text, params.get("stop") or []), prompt_tokens=c.prompt_tokens,
+                      completion_tokens=c.completion_tokens) for c in done]
 
 
 @dataclass
@@ -316,6 +308,14 @@ class Client:
                       file=sys.stderr, disable=None, leave=False) as bar:
                 if hasattr(self.backend, "acomplete"):
                     asyncio.run(self._complete_async(prompts, missing, params, sample_index, record, bar))
+                elif hasattr(self.backend, "complete_batch"):  # many prompts per forward pass
+                    step = self.backend.batch_size
+                    for at in range(0, len(missing), step):
+                        chunk = missing[at:at + step]
+                        for i, entry in zip(chunk, self.backend.complete_batch([prompts[i] for i in chunk], params,
+                                                                               sample_index)):
+                            record(i, entry)
+                        bar.update(len(chunk))
                 else:
                     for i in missing:
                         record(i, self.backend.complete(prompts[i], params, sample_index))
