@@ -24,7 +24,8 @@ def verbose() -> bool:
     return os.environ.get("TUNEBUILD_VERBOSE", "").strip() not in ("", "0")
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """0:42, 12:05, 1:02:03."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
@@ -81,5 +82,5 @@ class Reporter(ConsoleReporter):
                          f"{', ...' if len(self.failed) > 5 else ''})")
         if self.unmet:
             parts.append(f"{len(self.unmet)} not run because an input failed")
-        self.write(f"tunebuild: {', '.join(parts)}; {_clock(time.time() - self.started)} "
+        self.write(f"tunebuild: {', '.join(parts)}; {clock(time.time() - self.started)} "
                    f"(`doit runs` for the timeline, artifacts/.logs/ for each heavy task's full log)\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 from doit.cmd_base import DoitCmdBase, check_tasks_exist
 from doit.exceptions import InvalidCommand
 
+from pipeline.console import clock as _clock
 from pipeline.executor import LOGS, RUNS, RUNS_LOG
 from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_changed
 from pipeline.store import config_diff, pid_alive
@@ -54,6 +55,23 @@ def _closure(tasks: dict, selected: list[str], producer: dict) -> list[str]:
     for name in selected:
         visit(name)
     return order
+
+
+def _input_folders(task) -> list[str]:
+    """The folders (not artifacts) a stage task reads as inputs: a local model folder, an eval suite folder."""
+    def paths(value):
+        if isinstance(value, dict):
+            return [p for v in value.values() for p in paths(v)]
+        if isinstance(value, (list, tuple)):
+            return [p for v in value for p in paths(v)]
+        return [value] if isinstance(value, str) else []
+
+    found = []
+    for action in task.actions:
+        kw = getattr(action, "kwargs", None) or {}
+        found += [p.rstrip("/") for p in paths(kw.get("inputs", {}))
+                  if not p.startswith(str(ARTIFACTS) + "/") and os.path.isdir(p)]
+    return sorted(set(found), key=len, reverse=True)
 
 
 class Why(DoitCmdBase):
@@ -113,11 +131,19 @@ class Why(DoitCmdBase):
                 out.append(f"input not built yet: {dep} (from {producer[dep]})")
             else:
                 out.append(f"missing input file {dep}")
+        folders = _input_folders(task)
+        changed_in: dict[str, list[str]] = {}
         for dep in r.get("changed_file_dep", []):
+            folder = next((f for f in folders if dep.startswith(f + "/")), None)
             if dep in producer:
                 out.append(f"upstream output changed: {dep} (from {producer[dep]})")
+            elif folder is not None:  # a local model folder, an eval suite: one line per folder
+                changed_in.setdefault(folder, []).append(dep[len(folder) + 1:])
             else:
                 out.append(f"file changed: {dep}")
+        for folder, files in sorted(changed_in.items()):
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            out.append(f"folder changed: {folder} ({shown})")
         return out
 
     def _uptodate_reason(self, task, utd) -> list[str]:
@@ -128,8 +154,21 @@ class Why(DoitCmdBase):
                 if "_config_changed" in values:
                     return ["config changed (the earlier config was recorded as a digest only)"]
                 return ["never built with a recorded config"]
-            diff = config_diff(json.loads(saved), utd.config)
-            return [f"config {d}" for d in diff] or ["config changed"]
+            old, new = json.loads(saved), dict(utd.current(saved))
+            hub_old, hub_new = old.pop(config_changed.HUB, None) or {}, new.pop(config_changed.HUB, None) or {}
+            out = []
+            for name, entry in sorted(hub_new.items()):
+                before = hub_old.get(name)
+                if isinstance(before, dict) and before.get("model") == entry["model"] \
+                        and before.get("commit") != entry["commit"]:
+                    out.append(f"hub model {entry['model']} now resolves to commit {entry['commit']} (built from "
+                               f"{before.get('commit') or 'an unknown commit'})")
+                elif before != entry:
+                    out.append(f"config {config_changed.HUB}.{name}: "
+                               f"{json.dumps(before.get('model') if isinstance(before, dict) else before)} → "
+                               f"{json.dumps(entry['model'])}")
+            diff = config_diff(old, new)
+            return out + [f"config {d}" for d in diff] or ["config changed"]
         if getattr(utd, "__name__", "") == "exists" and getattr(utd, "__self__", None) is not None:
             return [f"missing {utd.__self__}"]
         return [f"up-to-date check {getattr(utd, '__name__', utd)!s} is false"]
@@ -176,7 +215,8 @@ class Gc(DoitCmdBase):
     doc_description = ("Reached: the output folder of every task of every current recipe, and the run-cache "
                        "entry each stage task would restore now (its key from its config and its current "
                        "inputs). Everything else under artifacts/ except doit's state, the LLM ledger and the "
-                       "scores database is garbage. A dry run unless --yes.")
+                       "scores database is garbage, and so are the scores database's rows of recipes that no "
+                       "longer exist. A dry run unless --yes.")
     cmd_options = ({"name": "yes", "long": "yes", "type": bool, "default": False,
                     "help": "delete what is listed (default: only list it)"},)
 
@@ -221,10 +261,68 @@ class Gc(DoitCmdBase):
                     for entry in sorted(stage_dir.iterdir()):
                         if (stage_dir.name, entry.name) not in reached_keys:
                             garbage.append((entry, "checkpoints of a run no current task would resume"))
-            self._report(garbage, yes)
+            current = {t.name.split(":", 1)[1] for t in self.task_list if t.name.startswith("build:")}
+            self._report(garbage, yes, self._stale_rows(current))
         finally:
             self.dep_manager.close()
         return 0
+
+    @staticmethod
+    def _stale_rows(current: set[str]) -> dict[str, dict[str, int]]:
+        """recipe -> table -> rows, for the scores database's rows of recipes no current recipe is."""
+        if not DB.is_file():
+            return {}
+        import duckdb
+
+        from pipeline.store import file_lock
+
+        out: dict[str, dict[str, int]] = {}
+        with file_lock(DB):
+            con = duckdb.connect(str(DB), read_only=True)
+            try:
+                tables = [r[0] for r in con.execute(
+                    "SELECT c.table_name FROM information_schema.columns c JOIN information_schema.tables t USING "
+                    "(table_schema, table_name) WHERE c.column_name = 'recipe' AND t.table_type = 'BASE TABLE' "
+                    "ORDER BY c.table_name").fetchall()]
+                for table in tables:
+                    for recipe, n in con.execute(f'SELECT recipe, count(*) FROM "{table}" GROUP BY recipe '
+                                                 f'ORDER BY recipe').fetchall():
+                        if recipe not in current:
+                            out.setdefault(recipe, {})[table] = n
+            finally:
+                con.close()
+        return out
+
+    def _report_rows(self, stale: dict[str, dict[str, int]], yes: bool) -> None:
+        """List (with --yes delete, in one transaction) the scores database's rows of recipes that are gone."""
+        if not stale:
+            return
+        out = self.outstream
+        total = sum(n for tables in stale.values() for n in tables.values())
+        for recipe, tables in sorted(stale.items()):
+            out.write(f"{sum(tables.values()):>6} rows  {DB} rows of recipe {recipe!r} "
+                      f"({', '.join(f'{t} {n}' for t, n in tables.items())}; no current recipe has that name)\n")
+        if not yes:
+            out.write(f"{total} row(s) of {len(stale)} deleted recipe(s) in {DB} would be deleted: run "
+                      f"`doit gc --yes` to delete\n")
+            return
+        import duckdb
+
+        from pipeline.store import file_lock
+
+        with file_lock(DB):
+            con = duckdb.connect(str(DB))
+            try:
+                con.execute("BEGIN TRANSACTION")
+                for recipe, tables in sorted(stale.items()):
+                    for table in tables:
+                        con.execute(f'DELETE FROM "{table}" WHERE recipe = ?', [recipe])
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+        out.write(f"deleted {total} row(s) of {len(stale)} deleted recipe(s) from {DB}: "
+                  f"{', '.join(sorted(stale))}\n")
 
     def _walk(self, folder: Path, keep, keep_files, roots, garbage) -> None:
         for p in sorted(folder.iterdir()):
@@ -244,10 +342,14 @@ class Gc(DoitCmdBase):
             else:
                 garbage.append((p, "no current recipe writes here"))
 
-    def _report(self, garbage, yes: bool) -> None:
+    def _report(self, garbage, yes: bool, stale: dict | None = None) -> None:
         out = self.outstream
+        if not garbage and not stale:
+            out.write("nothing to collect: every artifact, run-cache entry and scores row is reached by a current "
+                      "recipe\n")
+            return
+        self._report_rows(stale or {}, yes)
         if not garbage:
-            out.write("nothing to collect: every artifact and run-cache entry is reached by a current recipe\n")
             return
         total = _size([p for p, _ in garbage])
         root = Path.cwd()
@@ -266,12 +368,6 @@ class Gc(DoitCmdBase):
             out.write(f"deleted {len(garbage)} item(s), {_human(total)} freed\n")
         else:
             out.write(f"{len(garbage)} item(s), {_human(total)} would be freed: run `doit gc --yes` to delete\n")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
-        else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def read_runs(path: Path = RUNS_LOG) -> list[dict]:
