@@ -142,8 +142,12 @@ class Why(DoitCmdBase):
             else:
                 out.append(f"file changed: {dep}")
         for folder, files in sorted(changed_in.items()):
+            files = sorted(files)
+            if len(files) == 1:
+                out.append(f"file changed: {folder}/{files[0]}")
+                continue
             shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-            out.append(f"folder changed: {folder} ({shown})")
+            out.append(f"{len(files)} files changed in {folder}: {shown}")
         return out
 
     def _uptodate_reason(self, task, utd) -> list[str]:

@@ -17,6 +17,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from doit.dependency import FileChangedChecker
+
 from pipeline.console import Reporter
 from pipeline.recipe import Recipe, RecipeError, load_recipes
 from pipeline.stage import EVAL_PHASES, PHASES, Product, Stage
@@ -28,29 +30,84 @@ MANIFEST = "manifest.json"
 _ARTIFACTS_PREFIX = str(ARTIFACTS) + "/"
 TASKS_CACHE = ARTIFACTS / ".tasks.json"   # data only: see pipeline.task_cache
 
+class DigestChecker(FileChangedChecker):
+    """doit's file_dep check by content, like its md5 check: an unchanged modification time means an unchanged file,
+    a changed size a changed one; otherwise the content digest decides. The digest is a sha256 from the digest
+    cache (`pipeline.store.file_digest`), remembered by size, mtime and inode: a large file whose time changed but
+    whose bytes did not (touched, copied, restored from a CI cache) is read once, not on every no-op as with doit's
+    md5 check (which keeps the old time for a task that stays up to date), and that read also serves the run-cache
+    key of the task that uses it."""
+
+    def check_modified(self, file_path, file_stat, state):
+        from pipeline.store import file_digest
+
+        timestamp, size, digest = state
+        if file_stat.st_mtime == timestamp:
+            return False
+        if file_stat.st_size != size:
+            return True
+        return digest != file_digest(Path(file_path))
+
+    def get_state(self, dep, current_state):
+        import os
+
+        from pipeline.store import file_digest
+
+        timestamp = os.path.getmtime(dep)
+        if current_state and current_state[0] == timestamp:
+            return None
+        return timestamp, os.path.getsize(dep), file_digest(Path(dep))
+
+
 DOIT_CONFIG = {
     "backend": "sqlite3",                 # unlike dbm, safe for several doit processes and `doit -n 2`
     "dep_file": str(ARTIFACTS / ".doit.sqlite"),
     "continue": True,                     # one recipe that cannot be built does not stop the others
     "default_tasks": ["build"],
     "reporter": Reporter,                 # one line per task and failure, then a summary (pipeline.console)
+    "check_file_uptodate": DigestChecker,  # by content: a model folder's weights are hashed once per change
 }
 
 
 class config_changed:
     """doit `uptodate` check on a task's config section, like `doit.tools.config_changed`, but it also keeps the
     config itself in doit's state, so `doit why` can say which key changed from what to what. State written by
-    `doit.tools.config_changed` (an md5 only) is still honoured."""
+    `doit.tools.config_changed` (an md5 only) is still honoured.
+
+    A task using hub models has them under `hub_models` ({argument: "<id>[@<revision>]"}); the check compares the
+    commit each resolves to in the local Hugging Face cache (`pipeline.hf.resolved_commit`), so a branch that
+    moved there reruns the task. A commit the cache does not know (a fresh machine, a CI runner that restored
+    artifacts/ only) counts as unchanged."""
 
     KEY = "_config"
+    HUB = "hub_models"
 
     def __init__(self, config: dict):
         self.config = config
 
-    def _json(self) -> str:
+    def current(self, saved: str | None = None) -> dict:
+        """The config with each hub model's resolved commit; an unknown one is taken from the saved config."""
         import json
 
-        return json.dumps(self.config, sort_keys=True)
+        if not self.config.get(self.HUB):
+            return self.config
+        from pipeline.hf import hub_commits
+
+        hub = hub_commits(self.config[self.HUB])
+        try:
+            before = (json.loads(saved) if saved else {}).get(self.HUB) or {}
+        except ValueError:
+            before = {}
+        for name, entry in hub.items():
+            old = before.get(name)
+            if entry["commit"] is None and isinstance(old, dict) and old.get("model") == entry["model"]:
+                entry["commit"] = old.get("commit")
+        return {**self.config, self.HUB: hub}
+
+    def _json(self, saved: str | None = None) -> str:
+        import json
+
+        return json.dumps(self.current(saved), sort_keys=True)
 
     def configure_task(self, task):
         task.value_savers.append(lambda: {self.KEY: self._json()})
@@ -58,7 +115,7 @@ class config_changed:
     def __call__(self, task, values):
         saved = values.get(self.KEY)
         if saved is not None:
-            return saved == self._json()
+            return saved == self._json(saved)
         legacy = values.get("_config_changed")
         if legacy is not None:
             import hashlib
@@ -76,23 +133,34 @@ def _clean(out: Path):
     return (remove_output, [str(out)])
 
 
+class HubRef(str):
+    """A hub model handed to a stage (`<id>[@<revision>]`): `Plan.task` finds these among a task's params, keys it
+    by the commit each resolves to and watches that commit (`config_changed`). A plain string in the task list."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model reference points: an artifact folder with a manifest (the built-in model, a trained model),
-    or an external reference (a local folder path or hub id) passed through as is."""
+    """Where a model reference points: a folder (an artifact with a manifest: the built-in model, a trained model;
+    or a local model folder under recipes/), which a stage gets as an input, so its content digest enters the
+    run-cache key and its files the up-to-date check; or a hub id (with the revision asked for), passed as a
+    keyed value."""
     ref: str
     folder: Path | None
     external: str | None
     datasets: tuple[str, ...] = ()   # the dataset artifacts a trained model was trained on
     task: str | None = None          # the doit task that trains it (None for the base and external models)
+    revision: str | None = None      # a hub model's branch, tag or commit (`model.revision`)
 
     def as_arg(self, name: str) -> tuple[dict, dict]:
         """(inputs, params) entries handing this model to a stage as argument `name`."""
-        return ({name: str(self.folder)}, {}) if self.folder else ({}, {name: self.external})
+        return ({name: str(self.folder)}, {}) if self.folder else ({}, {name: HubRef(self.location)})
 
     @property
     def location(self) -> str:
-        return str(self.folder) if self.folder else self.external
+        """The folder (relative to the project root), or `<hub id>[@<revision>]` (`pipeline.hf.split_ref`)."""
+        if self.folder:
+            return str(self.folder)
+        return f"{self.external}@{self.revision}" if self.revision else self.external
 
 
 def _trained_model(p: Product) -> ModelSource:
@@ -173,12 +241,21 @@ class Plan:
     def product(self, kind: str, name: str) -> Product | None:
         return next((p for p in self.products_ if p.kind == kind and p.name == name), None)
 
-    def model(self, ref: str) -> ModelSource:
-        """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds."""
+    def model(self, ref: str, revision: str | None = None) -> ModelSource:
+        """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds; a folder under
+        recipes/ (the recipe validated it: `pipeline.recipe._check_model_ref`) is a local model, counted by its files;
+        anything else a hub id, at `revision`."""
         if ref.startswith("builtin:"):
             self.project.builtin_refs.add(ref)
             return ModelSource(ref, builtin_folder(ref), None)
-        return ModelSource(ref, None, ref)
+        if (self.project.recipes_dir / ref).is_dir():
+            return ModelSource(ref, Path(self.rel(ref)), None)
+        return ModelSource(ref, None, ref, revision=revision)
+
+    def base_model(self) -> ModelSource:
+        """The recipe's `model.base` (at `model.revision`)."""
+        m = self.recipe.config["model"]
+        return self.model(m["base"], m["revision"])
 
     def artifact_model(self, ref: str, folder: Path, datasets=()) -> ModelSource:
         """A model that is an artifact folder of this project (a trained model)."""
@@ -189,7 +266,7 @@ class Plan:
         training order), then the extra models of `[eval.models]` (`recipe:<name>` is that recipe's final model)."""
         from pipeline.recipe import train_order
 
-        out = {"base": self.model(self.recipe.config["model"]["base"])}
+        out = {"base": self.base_model()}
         trained = {p.name: p for p in self.products("model")}
         for name in train_order(self.recipe.config):
             if name in trained:
@@ -200,7 +277,7 @@ class Plan:
             if ref.startswith("recipe:"):
                 out[name] = self.project.final_model(self.recipe, f"eval.models.{name}.model", ref[len("recipe:"):])
             else:
-                out[name] = self.model(ref)
+                out[name] = self.model(ref, mc["revision"])
         return out
 
     def final(self) -> str:
@@ -241,14 +318,17 @@ class Plan:
         deps = list(file_dep)
         for path in _paths(inputs):
             deps += self.project.deps_of(path)
+        hub = {k: str(v) for k, v in params.items() if isinstance(v, HubRef)}
         from_ = f"{stage.task_basename}:{name}"
         action = _action({
             "module": self.project.module_of[stage.name], "stage": stage.name, "version": stage.version,
             "label": from_, "out": str(out), "inputs": inputs, "params": params, "unkeyed": unkeyed or {},
-            "config": config, "cache": stage.cache, **({"heavy": True, "gpus": gpus} if stage.heavy else {})})
+            "config": config, "cache": stage.cache, **({"hub": hub} if hub else {}),
+            **({"heavy": True, "gpus": gpus} if stage.heavy else {})})
+        watched = {"stage_version": stage.version, **config, **({config_changed.HUB: hub} if hub else {})}
         task = {"basename": stage.task_basename, "name": name, "doc": doc or stage.doc,
                 "file_dep": sorted(set(deps)), "targets": [str(out / MANIFEST)],
-                "actions": [action], "uptodate": [config_changed({"stage_version": stage.version, **config}), *uptodate],
+                "actions": [action], "uptodate": [config_changed(watched), *uptodate],
                 "clean": [_clean(out)], "verbosity": stage.verbosity}
         if provides:
             kind, pname, info = provides
@@ -280,7 +360,9 @@ class Project:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.recipes_dir = self.root / "recipes"
-        self.recipes: list[Recipe] = load_recipes(self.recipes_dir)
+        # a bad recipe file is reported in one line and left out; the other recipes still work
+        self.errors: list[str] = []
+        self.recipes: list[Recipe] = load_recipes(self.recipes_dir, self.errors)
         self.by_name = {r.name: r for r in self.recipes}
         self.stages = discover_stages()
         self.module_of = {s.name: m.__name__ for s, m in self.stages}
@@ -288,10 +370,27 @@ class Project:
         self.plans: dict[str, Plan] = {}
         self._deps: dict[str, list[str]] = {}
         (self.root / ARTIFACTS).mkdir(exist_ok=True)  # doit's state file lives there
-        for r in self.recipes:
-            self.plan(r.name).walk()
+        for r in list(self.recipes):
+            try:
+                self.plan(r.name).walk()
+            except RecipeError as e:  # its tasks are left out, and so are those of recipes that need it
+                self.errors.append(str(e))
+                self._drop(r.name)
+        self.errors = list(dict.fromkeys(self.errors))
+        if self.errors and not self.recipes:
+            raise RecipeError("\ntunebuild: ".join(self.errors))
         self.project_plan = Plan(self, None)
         self.project_plan.walk()
+
+    def _drop(self, name: str) -> None:
+        self.recipes = [r for r in self.recipes if r.name != name]
+        self.by_name.pop(name, None)
+        self.plans.pop(name, None)
+        for other in list(self.plans):  # a plan that walked into the dropped one (`recipe:<name>`)
+            if any(t.get("file_dep") and any(f"artifacts/{name}/" in d for d in t["file_dep"])
+                   for t in self.plans[other].tasks):
+                self.errors.append(f"{self.by_name[other].path}: needs recipe {name!r}, which is invalid")
+                self._drop(other)
 
     def deps_of(self, path: str) -> list[str]:
         """The file_dep an input path stands for: an artifact folder's manifest, every file of a recipe folder,
@@ -416,9 +515,13 @@ def creators(root: Path) -> dict:
     key = _fingerprint(root)
     table = task_cache.load(cache, key)
     if table is None:
-        table = Project(root).task_table()
-        cache.parent.mkdir(exist_ok=True)
-        task_cache.save(cache, key, table)
+        project = Project(root)
+        table = project.task_table()
+        for error in project.errors:  # bad recipe files: one line each, at the top; not cached, so said each time
+            print(f"tunebuild: {error}", file=sys.stderr, flush=True)
+        if not project.errors:
+            cache.parent.mkdir(exist_ok=True)
+            task_cache.save(cache, key, table)
     return {f"task_{base}": _creator(base, doc, tasks) for base, doc, tasks in table}
 
 

@@ -30,28 +30,97 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def split_ref(ref) -> tuple[str, str | None]:
+    """(hub id or folder, revision): a hub model reaches a stage as `<id>` or `<id>@<revision>` (`model.revision`);
+    a hub id never holds '@', a local folder is taken as it is."""
+    ref = str(ref)
+    if "@" in ref and not Path(ref).exists():
+        name, _, revision = ref.rpartition("@")
+        return name, revision or None
+    return ref, None
+
+
+def _what(ref: str) -> str:
+    hub_id, revision = split_ref(ref)
+    return f"model {hub_id!r}" + (f" at revision {revision!r}" if revision else "")
+
+
 def _unavailable(ref: str, err: Exception) -> Unavailable:
     if Path(ref).exists():
         return Unavailable(f"model folder {ref} cannot be loaded: {str(err).splitlines()[0]}")
-    return Unavailable(f"model {ref!r} is not a local folder and could not be fetched from the Hugging Face hub "
-                       f"(offline, or a gated model without HF_TOKEN?): {type(err).__name__}")
+    return Unavailable(f"{_what(ref)} is not a local folder and could not be fetched from the Hugging Face hub "
+                       f"(offline, a gated model without HF_TOKEN, or no such revision?): {type(err).__name__}")
+
+
+def _from_cache(hub_id: str, revision: str | None):
+    from huggingface_hub import try_to_load_from_cache
+
+    return try_to_load_from_cache(hub_id, "config.json", revision=revision)
 
 
 def ensure_available(ref: str) -> None:
     """Fail fast, in one line, when `ref` is neither a local folder, nor cached, nor fetchable from the hub."""
     if Path(ref).exists():
         return
-    from huggingface_hub import try_to_load_from_cache
-
+    hub_id, revision = split_ref(ref)
     try:
-        cached = try_to_load_from_cache(ref, "config.json")
+        cached = _from_cache(hub_id, revision)
     except ValueError:  # not a valid repo id
-        raise Unavailable(f"model {ref!r} is neither a local folder nor a Hugging Face hub id") from None
+        raise Unavailable(f"model {hub_id!r} is neither a local folder nor a Hugging Face hub id") from None
     if isinstance(cached, str):
         return
     offline = _hub_reachable()
     if offline:
-        raise Unavailable(f"model {ref!r} is not a local folder and not in the Hugging Face cache, and {offline}")
+        raise Unavailable(f"{_what(ref)} is not a local folder and not in the Hugging Face cache, and {offline}")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, found as huggingface_hub finds it (without importing it)."""
+    import os
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def resolved_commit(hub_id: str, revision: str | None) -> str | None:
+    """The commit a hub model's revision (default: main) resolves to, as the local Hugging Face cache says (its
+    `refs/<revision>`, which every load from the hub refreshes), or None when the cache does not know it. Cheap (a
+    small file read, no import, no network): the up-to-date check of every task using a hub model calls it."""
+    import re
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    folder = hub_cache() / f"models--{hub_id.replace('/', '--')}"
+    try:
+        commit = (folder / "refs" / (revision or "main")).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def hub_commits(refs: dict) -> dict:
+    """{argument: {"model": "<id>[@<revision>]", "commit": commit or None}} for a task's hub models."""
+    out = {}
+    for name, ref in sorted(refs.items()):
+        hub_id, revision = split_ref(ref)
+        out[name] = {"model": ref, "commit": resolved_commit(hub_id, revision)}
+    return out
+
+
+def model_identity(ref) -> str:
+    """What a model is, for lineage: `sha256:<digest>` of a folder's content (an artifact's manifest, or a local
+    folder's files), or `hub:<id>@<commit>` (the revision asked for when the commit is not known)."""
+    from pipeline.store import input_digest
+
+    if Path(ref).is_dir():
+        return f"sha256:{input_digest(Path(ref))}"
+    hub_id, revision = split_ref(ref)
+    return f"hub:{hub_id}@{resolved_commit(hub_id, revision) or revision or 'main'}"
 
 
 def load_tokenizer(ref: str, check: bool = True):
@@ -59,8 +128,9 @@ def load_tokenizer(ref: str, check: bool = True):
 
     if check:
         ensure_available(ref)
+    name, revision = split_ref(ref)
     try:
-        tok = AutoTokenizer.from_pretrained(ref)
+        tok = AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
     except (OSError, ValueError) as e:
         raise _unavailable(ref, e) from None
     if tok.pad_token is None:
@@ -76,8 +146,11 @@ def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True
 
     ensure_available(ref)
     tok = load_tokenizer(ref, check=False) if with_tokenizer else None
+    name, revision = split_ref(ref)
+    if revision:
+        kwargs["revision"] = revision
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as e:
         raise _unavailable(ref, e) from None
     return (model if "quantization_config" in kwargs else model.to(device())), tok

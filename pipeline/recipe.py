@@ -82,7 +82,10 @@ SCHEMA: dict = {
     "description": Key(str, ""),
     "extends": Key(str, None, doc="another recipe file (relative to this one) whose keys this one overrides"),
     "model": {
-        "base": Key(str, doc="'builtin:tiny', a local model folder or a Hugging Face hub id"),
+        "base": Key(str, doc="'builtin:tiny', a model folder under recipes/ (relative to it, like every path in a "
+                             "recipe; counted by its files' content) or a Hugging Face hub id"),
+        "revision": Key(str, None, doc="hub models: a branch, tag or commit of model.base (part of the run-cache "
+                                       "key; the commit it resolves to is recorded with what it built)"),
         "chat_template": Key(str, file=True, doc="Jinja chat template used for training and saved with the model: a "
                                                  "file, or a shipped one by name: default, qwen, chatml, llama3, "
                                                  "llama2, mistral, gemma, alpaca"),
@@ -215,10 +218,13 @@ SCHEMA: dict = {
             "price_per_1k_tokens": Key(float, 0.0, min=0),
             "answer_max_tokens": Key(int, 256, min=1, doc="answer length of the compared models"),
             "judge_max_items": Key(int, 0, min=0, doc="0: every instruction"),
+            "max_no_verdict_rate": Key(float, 0.2, min=0, max=1, doc="warn (build output and report) when the "
+                                       "judge gives no verdict on more than this share of instructions"),
         },
         "models": TableOf({
-            "model": Key(str, doc="'builtin:tiny', a local model folder, a hub id, or 'recipe:<name>' (that "
-                                  "recipe's tuned model)"),
+            "model": Key(str, doc="'builtin:tiny', a model folder under recipes/, a hub id, or 'recipe:<name>' "
+                                  "(that recipe's tuned model)"),
+            "revision": Key(str, None, doc="hub models: a branch, tag or commit"),
         }),
         "suites": TableOf({
             "tasks": Key(list, min=1, doc="lm-eval task or group names"),
@@ -500,6 +506,7 @@ def _load(path: Path, name: str, raw: dict, files, recipes_dir: Path, sweep: dic
     own.pop("sweep", None)
     _check_data(path, own, config, recipes_dir)
     _check_semantics(path, config)
+    _check_models(path, config, recipes_dir)
     return Recipe(name=name, path=path, files=files, config=config, sweep=sweep)
 
 
@@ -635,6 +642,54 @@ def _check_semantics(path: Path, c: dict) -> None:
     _check_eval(path, c)
 
 
+REVISION_RE = re.compile(r"^[\w./-]+$")
+
+
+def _check_model_ref(where: str, ref: str, recipes_dir: Path, revision: str | None = None) -> None:
+    """A model reference: a model folder is a path relative to recipes/ that stays inside it (the rules of every
+    file key); a value that is no such folder must be a hub id. Each refusal names the path it tried."""
+    if ref.startswith((BUILTIN_PREFIX, "recipe:")):
+        kind = "builtin"
+    else:
+        folder = Path(recipes_dir) / ref
+        tried = f"tried {folder}; model folders are relative to {recipes_dir}, like every path in a recipe"
+        looks_like_path = Path(ref).is_absolute() or ref.startswith(("./", "../", "~")) or "\\" in ref \
+            or ".." in Path(ref).parts or ref.count("/") > 1
+        if Path(ref).is_absolute() or not folder.resolve().is_relative_to(Path(recipes_dir).resolve()):
+            raise RecipeError(f"{where}: '{ref}' is outside {recipes_dir} (model folders are relative to it and stay "
+                              f"inside; links leading out are refused)")
+        if folder.is_dir():
+            kind = "folder"
+        elif folder.exists():
+            raise RecipeError(f"{where}: '{ref}' is a file ({folder}); expected a model folder or a hub id")
+        elif looks_like_path or not HUB_ID_RE.match(ref) or (Path(recipes_dir).parent / ref).is_dir() \
+                or (Path(recipes_dir) / Path(ref).parts[0]).is_dir():
+            raise RecipeError(f"{where}: no model folder '{ref}' ({tried}) and not a Hugging Face hub id either")
+        else:
+            kind = "hub"
+    if revision is not None:
+        if kind != "hub":
+            raise RecipeError(f"{where.rsplit('.', 1)[0]}.revision: only for a hub model ({ref!r} is "
+                              f"{'a local folder' if kind == 'folder' else 'not a hub id'})")
+        if not REVISION_RE.match(revision):
+            raise RecipeError(f"{where.rsplit('.', 1)[0]}.revision: expected a branch, tag or commit, got "
+                              f"{revision!r}")
+
+
+def _check_models(path: Path, c: dict, recipes_dir: Path) -> None:
+    """Every model reference of the recipe: model.base (with model.revision), [eval.models], and the local
+    generator and judge models."""
+    base = c["model"]
+    _check_model_ref(f"{path}: model.base", base["base"], recipes_dir, base["revision"])
+    for name, mc in sorted(c["eval"]["models"].items()):
+        _check_model_ref(f"{path}: eval.models.{name}.model", mc["model"], recipes_dir, mc["revision"])
+    g, j = c["generate"], c["eval"]["judge"]
+    if g["backend"] == "local" and g["model"] and any(d["source"] == "generate" for d in c["data"].values()):
+        _check_model_ref(f"{path}: generate.model", g["model"], recipes_dir)
+    if j["enabled"] and j["backend"] == "local":
+        _check_model_ref(f"{path}: eval.judge.model", j["model"], recipes_dir)
+
+
 def _check_generate(path: Path, c: dict) -> None:
     g = c["generate"]
     needed = ["model", "seeds", "prompt"]
@@ -695,13 +750,22 @@ def _check_categories(path: Path, dotted: str, file: Path) -> None:
                           f"or a list of categories")
 
 
-def load_recipes(recipes_dir: Path) -> list[Recipe]:
-    """Every `*.toml` directly under `recipes_dir`, validated. Raises RecipeError on the first bad one."""
+def load_recipes(recipes_dir: Path, errors: list[str] | None = None) -> list[Recipe]:
+    """Every `*.toml` directly under `recipes_dir`, validated. Without `errors`, raises RecipeError on the first
+    bad one; with it, a bad file's one-line error is appended there and the others still load."""
     files = sorted(Path(recipes_dir).glob("*.toml"))
     if not files:
         raise RecipeError(f"{recipes_dir}: no recipes (*.toml) here: write one, e.g. by copying demo.toml from "
                           f"the tunebuild repository")
-    return [r for p in files for r in load_recipe_variants(p, recipes_dir)]
+    out = []
+    for p in files:
+        try:
+            out += load_recipe_variants(p, recipes_dir)
+        except RecipeError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+    return out
 
 
 def reference() -> str:

@@ -1,7 +1,10 @@
 """Runs one stage as a doit action: run-cache lookup, atomic output, one-line errors.
 
 The runner knows no stage by name: the task's action names the stage module, its version, its inputs and its
-config; the module's `run(out_dir, *, config, **inputs)` computes the output.
+config; the module's `run(out_dir, *, config, **inputs)` computes the output. A module may also define
+`localize(out_dir, **inputs)`: the files of a finished output that are this task's own (an adapter naming its
+recipe's start folder); the run cache keeps the portable content and the task's folder gets those files
+(`pipeline.store.localize`).
 """
 from __future__ import annotations
 
@@ -36,9 +39,17 @@ def _as_paths(value):
     return Path(value)
 
 
-def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: dict, **_) -> str:
-    """The run-cache key of a stage task: (stage, version, config, input digests, params)."""
-    return cache_key(stage, version, config, {**_digest(inputs), **params})
+def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: dict, hub: dict | None = None,
+              **_) -> str:
+    """The run-cache key of a stage task: (stage, version, config, input digests, params) and, for its hub models,
+    the commit each resolves to in the local Hugging Face cache. Content only: a folder by its digest, never by
+    its path, so the same work under another recipe's name has the same key."""
+    extra = {}
+    if hub:
+        from pipeline.hf import hub_commits
+
+        extra = {f"hub:{k}": v["commit"] for k, v in hub_commits(hub).items()}
+    return cache_key(stage, version, config, {**_digest(inputs), **params, **extra})
 
 
 _DOIT_KEYWORDS = ("task", "targets", "dependencies", "changed")  # what doit passes a **kwargs action
@@ -60,16 +71,22 @@ def run_stage(**kwargs):
 
 
 def compute_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
-                  unkeyed: dict, config: dict, cache: bool = True, **_) -> tuple[str | None, str]:
+                  unkeyed: dict, config: dict, cache: bool = True, hub: dict | None = None,
+                  **_) -> tuple[str | None, str]:
     """Restore the task's output from the run cache or compute it, atomically. Returns (one-line error or None,
     "restored" | "computed")."""
     how = "computed"
     try:
         if not module.startswith("pipeline.stages."):  # the task list names stage modules only
             raise TunebuildError(f"{module!r} is not a stage module")
-        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params)
-        entry = importlib.import_module(module).run
+        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params, hub=hub)
+        stage_module = importlib.import_module(module)
+        entry = stage_module.run
         kwargs = {**_as_paths(inputs), **params, **unkeyed}
+        local = None
+        if hasattr(stage_module, "localize"):  # files of the output that are this task's own (see store.localize)
+            def local(folder: Path, kwargs=dict(kwargs)):
+                return stage_module.localize(folder, **kwargs)
         scratch = None
         if "scratch" in inspect.signature(entry).parameters:  # the stage keeps resumable progress (checkpoints)
             scratch = SCRATCH / stage / key
@@ -79,7 +96,7 @@ def compute_stage(*, module: str, stage: str, version: int, label: str, out: str
         def compute(tmp: Path):
             entry(tmp, config=config, **kwargs)
 
-        how = build_cached(Path(out), CACHE if cache else None, stage, key, compute)
+        how = build_cached(Path(out), CACHE if cache else None, stage, key, compute, local)
         if scratch is not None:  # the artifact is complete: its progress is no longer needed
             shutil.rmtree(scratch, ignore_errors=True)
         if how == "restored":
@@ -92,12 +109,13 @@ def compute_stage(*, module: str, stage: str, version: int, label: str, out: str
     return None, how
 
 
-def cached(*, stage: str, version: int, config: dict, inputs: dict, params: dict, cache: bool = True, **_) -> bool:
+def cached(*, stage: str, version: int, config: dict, inputs: dict, params: dict, cache: bool = True,
+           hub: dict | None = None, **_) -> bool:
     """True when the run cache holds this task's output (restoring it needs no GPU and no child process)."""
     if not cache:
         return False
     try:
-        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params)
+        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params, hub=hub)
     except OSError:
         return False
     return is_complete(CACHE / stage / key)

@@ -59,14 +59,89 @@ def config_diff(old: dict, new: dict, width: int = 60) -> list[str]:
 
 
 def input_digest(path: Path) -> str:
-    """Digest of an input: a folder artifact by its manifest, another folder by its files, a file by content."""
+    """Digest of an input: a folder artifact by its manifest (its portable form, see `localize`), another folder
+    (a local model, an eval suite) by its files' digests, a file by content. Large files' digests come from the
+    digest cache (`file_digest`), so an unchanged model folder is not read again."""
     path = Path(path)
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            return sha256_file(path / MANIFEST)
-        return digest_json({p.relative_to(path).as_posix(): sha256_file(p)
-                            for p in sorted(path.rglob("*")) if p.is_file()})
-    return sha256_file(path)
+            return manifest_digest(path)
+        return digest_json(folder_digests(path))
+    return file_digest(path)
+
+
+def folder_digests(path: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under a folder (links followed, as from_pretrained reads them)."""
+    path = Path(path)
+    return {p.relative_to(path).as_posix(): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# -- the digest cache: a file's sha256 remembered by (path, size, mtime_ns, inode), as doit remembers a file_dep's
+# md5 by its timestamp, so a no-op over an 8B model folder reads none of it. A digest is remembered only once the
+# file is older than RACY_SECONDS (a file rewritten within its mtime's granularity could otherwise keep its stat).
+DIGESTS = Path("artifacts") / ".cache" / "digests.sqlite"
+CACHED_DIGEST_MIN_SIZE = 1 << 20      # smaller files are hashed each time (cheaper than a lookup)
+RACY_SECONDS = 2.0
+_DIGEST_DB = None
+
+
+def _digest_db():
+    global _DIGEST_DB
+    import sqlite3
+
+    if _DIGEST_DB is None or _DIGEST_DB[0] != os.getpid():
+        DIGESTS.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(DIGESTS), timeout=60, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                    "ino INTEGER, sha256 TEXT)")
+        _DIGEST_DB = (os.getpid(), con)
+    return _DIGEST_DB[1]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file; for a large one, from the digest cache when its size, mtime and inode are unchanged."""
+    import sqlite3
+    import time
+
+    path = Path(path)
+    st = path.stat()
+    if st.st_size < CACHED_DIGEST_MIN_SIZE:
+        return sha256_file(path)
+    key = str(path.resolve())
+    try:
+        con = _digest_db()
+        row = con.execute("SELECT size, mtime_ns, ino, sha256 FROM digests WHERE path = ?", [key]).fetchone()
+    except sqlite3.Error:
+        con, row = None, None
+    if row is not None and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+        return row[3]
+    digest = sha256_file(path)
+    after = path.stat()
+    unchanged = (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    if con is not None and unchanged and time.time() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
+        try:
+            con.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
+                        [key, st.st_size, st.st_mtime_ns, st.st_ino, digest])
+        except sqlite3.Error:
+            pass
+    return digest
+
+
+def _manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def manifest_digest(folder: Path) -> str:
+    """The digest of a finished folder: sha256 of its manifest, or, for a folder whose files were localized
+    (`localize`), of the manifest of its portable content (the run cache's copy), so that every recipe's copy of
+    one output has the same digest."""
+    data = (Path(folder) / MANIFEST).read_bytes()
+    if b'"portable"' not in data:
+        return hashlib.sha256(data).hexdigest()
+    manifest = json.loads(data)
+    files = {**manifest["files"], **manifest.get("portable", {})}
+    return hashlib.sha256(_manifest_text({"files": files}).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -88,10 +163,42 @@ def write_manifest(folder: Path) -> dict:
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     manifest = {"files": files}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    _write_manifest(folder, manifest)
     return manifest
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(_manifest_text(manifest))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def localize(folder: Path, files: dict[str, bytes]) -> bool:
+    """Give a finished folder this task's own content for a few files (an adapter's `base_model_name_or_path`
+    naming its recipe's start folder), keeping the run cache's copy as it is: each file is replaced by a new one
+    (never written through a hard link), and the manifest lists the files as they now are plus, under
+    `portable`, the entries of the content they replaced, which `manifest_digest` uses. Returns whether anything
+    changed."""
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    portable = dict(manifest.get("portable", {}))
+    changed = False
+    for rel, data in sorted(files.items()):
+        path = folder / rel
+        if path.read_bytes() == data:
+            continue
+        portable.setdefault(rel, manifest["files"][rel])
+        tmp = path.with_name(f".{path.name}.local-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if manifest["files"][rel] == portable[rel]:
+            del portable[rel]
+        changed = True
+    if changed:
+        manifest = {"files": manifest["files"], **({"portable": portable} if portable else {})}
+        _write_manifest(folder, manifest)
+    return changed
 
 
 def is_complete(folder: Path) -> bool:
@@ -122,13 +229,19 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while process `pid` runs; a zombie (killed, not yet reaped: in a container whose init reaps orphans
+    late, for seconds) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _remove_stale_temps(final: Path) -> None:
@@ -186,8 +299,9 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path):
-    """Yield an empty temporary sibling of `final`; on success write its manifest and move it into place."""
+def atomic_folder(final: Path, finish=None):
+    """Yield an empty temporary sibling of `final`; on success write its manifest, call `finish(tmp)` if given,
+    and move it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(final)
@@ -196,6 +310,8 @@ def atomic_folder(final: Path):
     try:
         yield tmp
         write_manifest(tmp)
+        if finish is not None:
+            finish(tmp)
         _swap_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,38 +322,54 @@ def cache_key(stage: str, version: int, config: dict, inputs: dict[str, str]) ->
     return digest_json({"stage": stage, "version": version, "config": config, "inputs": inputs})[:40]
 
 
-def build_cached(final: Path, cache_root: Path | None, stage: str, key: str, compute) -> str:
+def build_cached(final: Path, cache_root: Path | None, stage: str, key: str, compute, local=None) -> str:
     """Make `final` hold the output of `compute(tmp_folder)`, restoring it from the run cache when possible.
 
-    Returns "restored" or "computed".
+    `local(folder)`, when given, returns the files ({relative path: bytes}) whose content is this task's own (see
+    `localize`): the run cache keeps the portable content, `final` gets them. Returns "restored" or "computed".
     """
     final = Path(final)
     entry = Path(cache_root) / stage / key if cache_root else None
+
+    def finish(tmp: Path):
+        if local is not None:
+            localize(tmp, local(tmp) or {})
+
     if entry is not None and is_complete(entry):
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(final)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         try:
             _link_tree(entry, tmp)
+            finish(tmp)
             _swap_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return "restored"
-    with atomic_folder(final) as tmp:
+
+    def store_then_finish(tmp: Path):
+        if entry is not None:
+            _store(tmp, entry, key)
+        finish(tmp)
+
+    with atomic_folder(final, store_then_finish) as tmp:
         compute(tmp)
-    if entry is not None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = entry.parent / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        _link_tree(final, staging)
-        if entry.exists() and not is_complete(entry):
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.replace(staging, entry)
-        except OSError:
-            # another process (doit -n, or a second recipe sharing the stage) stored the same key first
-            shutil.rmtree(staging, ignore_errors=True)
-            if not is_complete(entry):
-                raise
     return "computed"
+
+
+def _store(folder: Path, entry: Path, key: str) -> None:
+    """Keep a finished folder (its portable content) as the run-cache entry `entry`, as hard links."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = entry.parent / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    _link_tree(folder, staging)
+    if entry.exists() and not is_complete(entry):
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        os.replace(staging, entry)
+    except OSError:
+        # another process (doit -n, or a second recipe sharing the stage) stored the same key first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_complete(entry):
+            raise

@@ -27,7 +27,7 @@ def model_folder(plan, name: str):
 def start_model(plan, t: dict):
     """The ModelSource a training stage starts from: the recipe's base, or another stage's model folder."""
     if t["from"] == "base":
-        return plan.model(plan.recipe.config["model"]["base"])
+        return plan.base_model()
     return plan.artifact_model(f"{plan.name}/{t['from']}", model_folder(plan, t["from"]))
 
 
@@ -65,14 +65,15 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         src = start_model(plan, t)
         inputs, params = src.as_arg("base_model")
         inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
-        params.update(base_ref=src.ref, stage_name=name)
         config = {**{k: v for k, v in t.items() if k != "report_to"}, "data": mix}
         adapter = t["finetuning"] in ADAPTER_MODES
         out = plan.out(stage, name) if adapter else model_folder(plan, name)
         info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
                 "ref": f"{r.name}/{name}", "finetuning": t["finetuning"], "method": method, "log": str(out)}
         yield plan.task(stage, f"{r.name}.{name}", out, inputs=inputs, params=params, config=config,
-                        unkeyed={"report_to": t["report_to"]},
+                        # names, for messages only: the run-cache key holds the start model's content digest,
+                        # never the recipe's or the stage's name, so copies and sweep variants share the training
+                        unkeyed={"report_to": t["report_to"], "base_ref": src.ref, "stage_name": name},
                         provides=("trained" if adapter else "model", name, info),
                         doc=doc.format(name=name, base=src.ref, finetuning=t["finetuning"]))
 
@@ -316,15 +317,19 @@ def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_
     return where, prec, model, tokenizer, peft_config, template
 
 
-def finish(out_dir: Path, trainer, tokenizer, peft_config, base_ref: str, template: str, fitted: tuple,
+def finish(out_dir: Path, trainer, tokenizer, peft_config, base_model: str, template: str, fitted: tuple,
            summary: dict) -> dict:
-    """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary."""
+    """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary (with the start
+    model's identity: its content digest, or the hub id and the commit it resolved to)."""
+    from pipeline.hf import model_identity
+
     result, resumed, log = fitted
+    start = model_identity(base_model)
     if peft_config is not None:
-        save_adapter(trainer, tokenizer, out_dir, base_ref)
+        save_adapter(trainer, tokenizer, out_dir, base_model, start)
     else:
         save_model_folder(trainer.model, tokenizer, out_dir, template)
-    summary = {**summary, "steps": result.global_step,
+    summary = {**summary, "start_model": start, "steps": result.global_step,
                "train_loss": mean_loss(log, result.global_step, result.training_loss), "resumed_from_step": resumed}
     return write_logs(out_dir, log, summary)
 
@@ -337,15 +342,43 @@ def write_logs(out_dir: Path, rows: list[dict], summary: dict) -> dict:
     return summary
 
 
-def save_adapter(trainer, tokenizer, out_dir: Path, base_ref: str) -> None:
-    """The PEFT adapter with the tokenizer, naming the base as the recipe does and with its settings in a stable
-    order (PEFT keeps target_modules as a set, whose order follows PYTHONHASHSEED)."""
+def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str) -> None:
+    """The PEFT adapter with the tokenizer, its settings in a stable order (PEFT keeps target_modules as a set,
+    whose order follows PYTHONHASHSEED), naming its base portably: a hub model by its id and the commit it resolved
+    to; a folder by its content digest (`start`, `sha256:...`), never by its path, which holds the recipe's name
+    (`artifacts/<recipe>/models/sft`). That is the run cache's copy; `localize_adapter` then names the folder in
+    each recipe's own output, where AutoPeftModelForCausalLM resolves it from the project root."""
+    from pipeline.hf import split_ref
+
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card names the base by local path
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base_ref
+    if Path(base_model).is_dir():
+        cfg["base_model_name_or_path"], cfg["revision"] = start, None
+    else:
+        hub_id, revision = split_ref(base_model)
+        commit = start.rpartition("@")[2]
+        cfg["base_model_name_or_path"], cfg["revision"] = hub_id, commit or revision
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    cfg_path.write_text(_adapter_config_text(cfg))
+
+
+def _adapter_config_text(cfg: dict) -> str:
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def localize_adapter(out_dir: Path, base_model: str) -> dict[str, bytes]:
+    """The adapter's own `adapter_config.json` in this task's output: `base_model_name_or_path` names the start
+    model folder as the task has it, relative to the project root (`artifacts/models/builtin-tiny`,
+    `recipes/models/llama`, `artifacts/<recipe>/models/sft`), so `AutoPeftModelForCausalLM.from_pretrained` of the
+    adapter folder loads from there. Nothing for a hub model (the adapter already names it) or a model folder
+    (full, freeze)."""
+    cfg_path = Path(out_dir) / "adapter_config.json"
+    if not cfg_path.is_file() or not Path(base_model).is_dir():
+        return {}
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = Path(base_model).as_posix()
+    return {"adapter_config.json": _adapter_config_text(cfg).encode()}

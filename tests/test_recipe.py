@@ -149,9 +149,15 @@ def test_bad_recipe_stops_dodo_with_one_line(tmp_path):
     (tmp_path / "recipes" / "typo.toml").write_text('extends = "mini_lima.toml"\n[train.sft]\nlerning_rate = 1\n')
     proc = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode != 0
     assert "typo.toml: unknown key 'train.sft.lerning_rate'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert proc.returncode == 0 and "typo" not in proc.stdout
+    # alone, a bad recipe stops dodo in one line
+    (tmp_path / "recipes" / "mini_lima.toml").rename(tmp_path / "mini_lima.toml")
+    (tmp_path / "recipes" / "typo.toml").write_text('[train.sft]\nlerning_rate = 1\n')
+    proc = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "typo.toml: " in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_shipped_mmlu_categories_cover_57_subjects_in_4_categories():

@@ -49,7 +49,7 @@ def test_sft_dpo_chain_qlora_and_full_fine_tune_build_offline(tmp_path):
     # base -> sft -> dpo, each compared with what it started from; DPO rewards logged, plotted and in DuckDB
     con = duckdb.connect(str(arts / "scores.duckdb"), read_only=True)
     pairs = con.execute("SELECT model_a, model_b FROM pairs WHERE recipe = 'zh_dpo_demo' ORDER BY position").fetchall()
-    assert pairs == [("base", "sft"), ("sft", "dpo")]
+    assert pairs == [("base", "sft"), ("sft", "dpo"), ("base", "dpo")]   # each stage with its start, base → final
     assert {r[0] for r in con.execute("SELECT DISTINCT model_b FROM paired WHERE recipe = 'zh_dpo_demo'").fetchall()} \
         == {"sft", "dpo"}
     metrics = {r[0] for r in con.execute("SELECT DISTINCT metric FROM train_log WHERE recipe = 'zh_dpo_demo' AND "
@@ -79,6 +79,10 @@ def test_sft_dpo_chain_qlora_and_full_fine_tune_build_offline(tmp_path):
     tuned = AutoModelForCausalLM.from_pretrained(full)
     changed = [n for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()) if not a.equal(b)]
     assert len(changed) == len(list(base.parameters()))
+
+    # every adapter (LoRA, QLoRA, the DPO one on top of the SFT model) loads where people load adapters
+    from test_model_identity import assert_adapters_load
+    assert_adapters_load(project, ("zh_dpo_demo", "dolly_qlora_demo", "demo"))
 
 
 RESUME = """extends = "alpaca_lora_demo.toml"

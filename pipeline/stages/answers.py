@@ -1,6 +1,7 @@
 """Stage `answers`: one model's answers to the judge's instruction set (greedy decoding, the model's own chat
-template when it has one), as `answers.jsonl` (id, prompt, answer). Deterministic, so the run cache shares the
-answers of one model across recipes.
+template when it has one), as `answers.jsonl` (id, prompt, answer), and `summary.json`: how many answers, how
+many of them empty (`""`, e.g. a model that ends its turn at once) and which; the stage prints the counts.
+Deterministic, so the run cache shares the answers of one model across recipes.
 
 Contract: reads `[eval.judge]` (instructions, reference, answer_max_tokens, judge_max_items); consumes the recipe's
 final model (the candidate) and the judge's reference model (`base` by default, or any model the recipe
@@ -13,7 +14,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="answers", version=1, phase="eval", section="eval.judge", gpus="eval.gpus",
+STAGE = Stage(name="answers", version=2, phase="eval", section="eval.judge", gpus="eval.gpus",
               doc="A model's answers to the LLM judge's instruction set.")
 
 
@@ -59,6 +60,7 @@ def run(out_dir: Path, *, model: str, instructions: Path, config: dict) -> dict:
     rows = read_instructions(instructions)[: config["judge_max_items"] or None]
     lm, tok = load_causal_lm(str(model))
     lm.eval()
+    empty = []
     with open(out_dir / "answers.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             if tok.chat_template:
@@ -72,6 +74,12 @@ def run(out_dir: Path, *, model: str, instructions: Path, config: dict) -> dict:
                                   max_new_tokens=config["answer_max_tokens"],
                                   pad_token_id=tok.pad_token_id or tok.eos_token_id)
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            if not answer:
+                empty.append(row["id"])
             f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "answer": answer},
                                ensure_ascii=False) + "\n")
-    return {"answers": len(rows)}
+    summary = {"answers": len(rows), "empty": len(empty), "empty_ids": empty}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"answers: {len(rows)} answers, {len(empty)} empty" + (' ("")' if empty else "")
+          + (": every answer is empty" if rows and len(empty) == len(rows) else ""), flush=True)
+    return summary

@@ -25,8 +25,16 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="dpo", version=2, phase="train", section="train.<name>", gpus="train.<name>.gpus",
+STAGE = Stage(name="dpo", version=3, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Direct preference optimisation with TRL's DPOTrainer (LoRA, QLoRA, full, freeze).")
+
+
+def localize(out_dir: Path, *, base_model: str, **_) -> dict:
+    """This task's own adapter_config.json: the adapter names its recipe's start folder (the run cache keeps it
+    portable; see `pipeline.training.localize_adapter`)."""
+    from pipeline.training import localize_adapter
+
+    return localize_adapter(out_dir, base_model)
 
 
 def tasks(plan):
@@ -153,6 +161,6 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
                              len(pairs), c["max_length"])
         check_dropped(counts, rows, where, stage_name, c)
         fitted = training.fit(trainer, scratch, where)
-    return training.finish(out_dir, trainer, tokenizer, peft_config, base_ref, template, fitted,
+    return training.finish(out_dir, trainer, tokenizer, peft_config, base_model, template, fitted,
                            {"method": "dpo", "finetuning": c["finetuning"], **counts, "precision": prec,
                             "beta": c["beta"], "loss_type": c["loss_type"]})

@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="evaluate", version=2, phase="eval", section="eval", gpus="eval.gpus",
+STAGE = Stage(name="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
 
 
@@ -271,7 +271,7 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from pipeline.hf import device, ensure_available, package_versions
+    from pipeline.hf import device, ensure_available, model_identity, package_versions, split_ref
 
     if include_path:
         check_local_suite(Path(include_path))
@@ -289,11 +289,12 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
         where = f"in {include_path} or " if include_path else ""
         raise TunebuildError(f"lm-eval task(s) {', '.join(missing)} not found {where}among lm-eval's own tasks")
     workdir = Path(include_path).resolve() if include_path else Path.cwd()
-    pretrained = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    hub_id, revision = split_ref(model)
+    pretrained = str(Path(model).resolve()) if Path(model).exists() else hub_id
     with contextlib.chdir(workdir):
         res = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": pretrained,
+            model_args={"pretrained": pretrained, **({"revision": revision} if revision else {}),
                         "dtype": "float32" if dev == "cpu" else "auto", "device": dev},
             tasks=list(suite["tasks"]), num_fewshot=suite["num_fewshot"], batch_size=config["batch_size"],
             limit=suite["limit"] or None, log_samples=True, task_manager=manager,
@@ -312,7 +313,7 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
             metrics.append({"task": task, "subject": "", "metric": metric, "filter": filt, "value": _clean(value),
                             "stderr": _clean(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
     result = {"eval_config": {"suite": suite, "batch_size": config["batch_size"]}, "metrics": metrics,
-              "packages": package_versions(),
+              "model_digest": model_identity(model), "packages": package_versions(),
               "versions": res.get("versions", {}), "configs": _relative(res.get("configs", {}), str(Path.cwd()) + "/"),
               "higher_is_better": res.get("higher_is_better", {})}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")

@@ -2,13 +2,16 @@
 
 Pairwise (default): for every instruction the judge sees the two answers in both orders (reference first, then
 candidate first). Verdicts are parsed MT-Bench style (`[[A]]`, `[[B]]`, `[[C]]` for a tie). Two orders that
-disagree count as a tie and as a position-biased pair. Reported: win, tie and loss rates of the candidate, the
-position-bias rate, and a length-controlled win rate: a logistic model of the outcome on the (tanh-scaled) answer
-length difference, fitted on the instruction set at hand, evaluated at equal lengths (no downloaded difficulty
-table, unlike alpaca_eval's, which only works on its 805 instructions).
+disagree count as a tie and as a position-biased pair. An instruction where either order has no verdict is its own
+outcome, `no_verdict` (never a tie), and is left out of every rate but `no_verdict_rate`, as MT-Bench's
+show_result drops "error" judgments. Reported, over the judged instructions only (with their number, `n`): win,
+tie and loss rates of the candidate, the position-bias rate, the score (win 1, tie ½) and a length-controlled win
+rate: a logistic model of the outcome on the (tanh-scaled) answer length difference, fitted on the instruction set
+at hand, evaluated at equal lengths (no downloaded difficulty table, unlike alpaca_eval's, which only works on its
+805 instructions); and `no_verdict_rate` over all instructions. Above `max_no_verdict_rate` the stage warns.
 
 Single (`mode = "single"`): each answer of both models is graded 1–10 (`Rating: [[x]]`), and the mean grades
-are reported.
+over the graded answers are reported (an answer without a grade counts in `ungraded_rate` only).
 
 Every judge call goes through the LLM client and its ledger, keyed by (judge model, rendered prompt, sampling),
 and the rendered prompt holds the two answers in their order: editing the judge prompt re-judges, nothing else.
@@ -28,7 +31,7 @@ from pipeline.errors import TunebuildError
 from pipeline.prompts import read_template, render
 from pipeline.stage import Stage
 
-STAGE = Stage(name="judge", version=1, phase="compare", section="eval.judge", gpus="eval.gpus",
+STAGE = Stage(name="judge", version=2, phase="compare", section="eval.judge", gpus="eval.gpus",
               doc="LLM-as-judge: the final model vs a reference model, both orders (or single-answer grading).")
 ANSWER_KEYS = ("answer_max_tokens", "judge_max_items")  # the answers stage's part of [eval.judge]
 
@@ -69,14 +72,15 @@ def parse_verdict(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def outcome(first: str | None, second: str | None) -> tuple[float, bool]:
-    """The candidate's outcome from both orders: (1 win / 0.5 tie / 0 loss, position-biased?).
+def outcome(first: str | None, second: str | None) -> tuple[float | None, bool]:
+    """The candidate's outcome from both orders: (1 win / 0.5 tie / 0 loss, position-biased?), or (None, False)
+    when either order has no verdict: no verdict is its own outcome, never a tie.
 
     Order 1 shows the reference as A and the candidate as B; order 2 the candidate as A."""
     one = {"A": 0.0, "B": 1.0, "C": 0.5}.get(first or "")
     two = {"A": 1.0, "B": 0.0, "C": 0.5}.get(second or "")
     if one is None or two is None:
-        return 0.5, False
+        return None, False
     if one == two:
         return one, False
     return 0.5, True
@@ -120,6 +124,11 @@ def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, conf
     ids = [i for i in cand if i in ref]
     if not ids:
         raise TunebuildError(f"no instruction answered by both {candidate_name} and {reference_name}")
+    empty = {name: sum(not a[i]["answer"].strip() for i in ids) for name, a in ((candidate_name, cand),
+                                                                               (reference_name, ref))}
+    for name, k in empty.items():
+        if k:
+            print(f"judge: {k} of {name}'s {len(ids)} answers are empty (\"\")", flush=True)
     if config["mode"] == "single":
         template = read_template(prompt, ("instruction", "answer"), "judge prompt")
         prompts = [render(template, instruction=cand[i]["prompt"], answer=a[i]["answer"])
@@ -138,6 +147,10 @@ def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, conf
             return float(np.mean(xs)) if xs else None
         metrics = {"grade": mean(cand_g), "reference_grade": mean(ref_g),
                    "ungraded_rate": float(np.mean([g is None for g in ref_g + cand_g]))}
+        counts = {"grade": sum(g is not None for g in cand_g), "reference_grade": sum(g is not None for g in ref_g),
+                  "ungraded_rate": 2 * len(ids)}
+        missing, asked, rate_key = sum(g is None for g in ref_g + cand_g), 2 * len(ids), "ungraded_rate"
+        judged = min(counts["grade"], counts["reference_grade"])
     else:
         template = read_template(prompt, ("instruction", "answer_a", "answer_b"), "judge prompt")
         first = [render(template, instruction=cand[i]["prompt"], answer_a=ref[i]["answer"],
@@ -148,21 +161,50 @@ def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, conf
         v1 = [parse_verdict(t) for t in texts[: len(ids)]]
         v2 = [parse_verdict(t) for t in texts[len(ids):]]
         results = [outcome(a, b) for a, b in zip(v1, v2)]
-        y = np.array([r[0] for r in results])
-        lens_c = np.array([len(cand[i]["answer"].split()) for i in ids])
-        lens_r = np.array([len(ref[i]["answer"].split()) for i in ids])
+        keep = [k for k, r in enumerate(results) if r[0] is not None]  # the judged instructions
+        y = np.array([results[k][0] for k in keep])
+        lens_c = np.array([len(cand[ids[k]]["answer"].split()) for k in keep])
+        lens_r = np.array([len(ref[ids[k]]["answer"].split()) for k in keep])
         with open(out_dir / "verdicts.jsonl", "w", encoding="utf-8") as f:
             for i, a, b, (o, biased) in zip(ids, v1, v2, results):
                 f.write(json.dumps({"id": i, "reference_first": a, "candidate_first": b, "outcome": o,
-                                    "position_biased": biased}, ensure_ascii=False) + "\n")
-        metrics = {"win_rate": float(np.mean(y == 1.0)), "tie_rate": float(np.mean(y == 0.5)),
-                   "loss_rate": float(np.mean(y == 0.0)),
-                   "position_bias_rate": float(np.mean([r[1] for r in results])),
-                   "no_verdict_rate": float(np.mean([a is None or b is None for a, b in zip(v1, v2)])),
-                   "score": float(y.mean()), "lc_win_rate": length_controlled(y, lens_c, lens_r)}
+                                    "result": RESULT[o], "position_biased": biased}, ensure_ascii=False) + "\n")
+
+        def rate(xs):
+            return float(np.mean(xs)) if len(keep) else None
+        judged = len(keep)
+        metrics = {"win_rate": rate(y == 1.0), "tie_rate": rate(y == 0.5), "loss_rate": rate(y == 0.0),
+                   "position_bias_rate": rate([results[k][1] for k in keep]),
+                   "no_verdict_rate": float(np.mean([r[0] is None for r in results])),
+                   "score": rate(y), "lc_win_rate": length_controlled(y, lens_c, lens_r) if judged else None}
+        counts = {k: judged for k in metrics}
+        counts["no_verdict_rate"] = len(ids)
+        missing, asked, rate_key = len(ids) - judged, len(ids), "no_verdict_rate"
+    limit = config.get("max_no_verdict_rate", 0.2)
+    warning = no_verdict_warning(missing, asked, limit, rate_key, judged)
     result = {"mode": config["mode"], "candidate": candidate_name, "reference": reference_name, "n": len(ids),
+              "judged": judged, "metric_n": counts, "empty_answers": empty, "max_no_verdict_rate": limit,
+              "warning": warning,
               "judge": client.model_id, "metrics": metrics, "usage": client.usage.as_dict()}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(f"judge: {candidate_name} vs {reference_name} on {len(ids)} instructions: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
+    rates = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None and k != rate_key)
+    print(f"judge: {candidate_name} vs {reference_name}: {judged} of {len(ids)} instructions judged, {rate_key} "
+          f"{metrics[rate_key]:.3f}" + (f"; over the {judged} judged: {rates}" if rates else ""), flush=True)
+    if warning:
+        print(f"judge: warning: {warning}", flush=True)
     return result
+
+
+RESULT = {1.0: "win", 0.5: "tie", 0.0: "loss", None: "no_verdict"}
+
+
+def no_verdict_warning(missing: int, asked: int, limit: float, rate_key: str = "no_verdict_rate",
+                       judged: int | None = None) -> str | None:
+    """The warning when more than `limit` of the judge's answers hold no verdict (or no grade), else None."""
+    if not asked or missing / asked <= limit:
+        return None
+    what = "verdict" if rate_key == "no_verdict_rate" else "grade"
+    rest = f" the rates rest on the {judged} judged instruction(s)" if judged else " nothing was judged"
+    return (f"the judge gave no {what} on {missing} of {asked} ({rate_key} {missing / asked:.3f}, above "
+            f"eval.judge.max_no_verdict_rate = {limit:g}):{rest}; check the judge prompt and model (it must answer "
+            + ("[[A]], [[B]] or [[C]])" if what == "verdict" else "Rating: [[x]])"))

@@ -5,9 +5,13 @@ Writes `comparison.md` (and prints it): per suite and metric the before/after su
 tabulate by hand (average before, after, average / max / min improvement over subjects), per-subject and
 per-category tables (micro and macro averages, labelled) with paired bootstrap CIs and p-values, and the plain
 table of every metric. Plots: `subjects-<suite>-<metric>.png`, the per-subject improvement with its CI.
-A delta whose CI contains 0 is shown as not significant; a delta is better/worse by the metric's direction.
+Every table says better / worse only where the paired CI excludes 0 (by the metric's direction), else "CI
+contains 0"; a metric without per-document scores has "no paired test". The LLM judge's rates are over the judged
+instructions (n), no verdict is its own outcome (its own bar), a no-verdict rate above
+`eval.judge.max_no_verdict_rate` and empty answers are called out. Training curves come in training order.
 
-Contract: reads nothing of the recipe; consumes the recipe's `scores`; writes `artifacts/report/<recipe>/`.
+Contract: reads `eval.judge.max_no_verdict_rate` and the recipe's training order; consumes the recipe's `scores`
+and the judge's `answers`; writes `artifacts/report/<recipe>/`.
 """
 from __future__ import annotations
 
@@ -16,15 +20,20 @@ from pathlib import Path
 from pipeline.stage import Stage
 from pipeline.store import file_lock
 
-STAGE = Stage(name="report", version=2, phase="report", cache=False,
+STAGE = Stage(name="report", version=3, phase="report", cache=False,
               doc="Print and write a recipe's comparisons (base → trained models → extra models).")
 
 
 def tasks(plan):
+    from pipeline.recipe import train_order
+
+    answers = {p.name: p.out for p in plan.products("answers")}
+    config = {"stages": train_order(plan.recipe.config),
+              "max_no_verdict_rate": plan.section("eval")["judge"]["max_no_verdict_rate"]}
     for p in plan.products("scores"):
-        yield plan.task(STAGE, plan.name, Path("artifacts") / "report" / plan.name, inputs={"scores": p.out},
-                        params={"recipe": plan.name}, unkeyed={"db": plan.db},
-                        doc=f"comparison tables for {plan.name}")
+        yield plan.task(STAGE, plan.name, Path("artifacts") / "report" / plan.name,
+                        inputs={"scores": p.out, "answers": answers}, params={"recipe": plan.name},
+                        unkeyed={"db": plan.db}, config=config, doc=f"comparison tables for {plan.name}")
 
 
 def _fmt(x) -> str:
@@ -38,28 +47,65 @@ def table(db: Path, recipe: str) -> list[tuple]:
         con = duckdb.connect(str(db), read_only=True)
         try:
             return con.execute(
-                "SELECT model_a, model_b, suite, task, metric, n, a, b, delta, higher_is_better, same_eval_config "
-                "FROM comparison WHERE recipe = ? AND subject = '' ORDER BY position, suite, task, metric",
-                [recipe]).fetchall()
+                "SELECT model_a, model_b, suite, task, metric, filter, n, a, b, delta, higher_is_better, "
+                "same_eval_config FROM comparison WHERE recipe = ? AND subject = '' "
+                "ORDER BY position, suite, task, metric, filter", [recipe]).fetchall()
         finally:
             con.close()
 
 
-def render(recipe: str, rows: list[tuple]) -> str:
+def paired_tests(rows: list[dict]) -> dict[tuple, dict]:
+    """The paired test behind each (model_a, model_b, suite, metric, filter, task) of the plain table: a subject's
+    own row; `None` as the task: the suite's overall micro average (a group's)."""
+    out = {}
+    for r in rows:
+        key = (r["model_a"], r["model_b"], r["suite"], r["metric"], r["filter"])
+        if r["level"] == "subject":
+            out[(*key, r["name"])] = r
+        elif r["level"] == "overall" and r["average"] == "micro":
+            out[(*key, None)] = r
+    return out
+
+
+def verdict(delta, higher_is_better, same: bool, test: dict | None) -> str:
+    """better / worse only when the paired CI excludes 0, as the paired tables say; never by a delta's sign."""
+    if not same:
+        return "eval configs differ: not comparable"
+    if delta is None or higher_is_better is None:
+        return ""
+    if test is None:
+        return "no paired test"
+    if not test["ci_excludes_zero"]:
+        return "CI contains 0"
+    return "better" if (test["delta"] > 0) == bool(higher_is_better) else "worse"
+
+
+def render(recipe: str, rows: list[tuple], tests: dict[tuple, dict] | None = None) -> str:
+    tests = tests or {}
     lines = []
+    subjects = {k for k in tests if k[5] is not None}
     for pair in dict.fromkeys((r[0], r[1]) for r in rows):
         a_name, b_name = pair
+        mine = [r for r in rows if (r[0], r[1]) == pair]
+        groups: dict[tuple, set] = {}  # the tasks of a suite that are no subject of a paired test: groups
+        for _, _, suite, task, metric, filt, *_ in mine:
+            if (*pair, suite, metric, filt, task) not in subjects:
+                groups.setdefault((suite, metric, filt), set()).add(task)
         lines += [f"## {recipe}: {a_name} vs {b_name}", "",
-                  f"| suite | task | metric | n | {a_name} | {b_name} | delta | |",
-                  "|---|---|---|---:|---:|---:|---:|---|"]
-        for _, _, suite, task, metric, n, a, b, delta, hib, same in (r for r in rows if (r[0], r[1]) == pair):
-            if not same:
-                verdict = "eval configs differ: not comparable"
-            elif delta is None or hib is None or delta == 0:
-                verdict = ""
-            else:
-                verdict = "better" if (delta > 0) == bool(hib) else "worse"
-            lines.append(f"| {suite} | {task} | {metric} | {n} | {_fmt(a)} | {_fmt(b)} | {_fmt(delta)} | {verdict} |")
+                  f"| suite | task | metric | n | {a_name} | {b_name} | delta | 95% CI | |",
+                  "|---|---|---|---:|---:|---:|---:|---|---|"]
+        for _, _, suite, task, metric, filt, n, a, b, delta, hib, same in mine:
+            key = (*pair, suite, metric, filt)
+            test = tests.get((*key, task))
+            pooled = tests.get((*key, None))
+            if test is None and groups.get((suite, metric, filt)) == {task} and pooled \
+                    and n in (None, pooled["n"]):
+                test = pooled  # the suite's one group: the documents of its subjects pooled
+            if n is None:
+                n = test["n"] if test else "—"
+            ci = f"[{test['ci_low']:+.4f}, {test['ci_high']:+.4f}]" if test else ""
+            lines.append(f"| {suite} | {task} | {metric} | {n} | {_fmt(a)} | {_fmt(b)} | {_fmt(delta)} | {ci} | "
+                         f"{verdict(delta, hib, same, test)} |")
         lines.append("")
     return "\n".join(lines) + "\n" if lines else f"## {recipe}: nothing to compare\n"
 
@@ -89,7 +135,23 @@ def _p(x) -> str:
     return "" if x is None else (f"{x:.3g}" if x >= 0.001 else "<0.001")
 
 
-def render_paired(rows: list[dict], out_dir: Path) -> str:
+def directions(db: Path, recipe: str) -> dict[tuple, bool]:
+    """(suite, metric) -> higher is better, for the metrics whose direction is known."""
+    import duckdb
+
+    with file_lock(Path(db)):
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            return {(s, m): bool(h) for s, m, h in con.execute(
+                "SELECT DISTINCT suite, metric, higher_is_better FROM scores WHERE recipe = ? AND "
+                "higher_is_better IS NOT NULL", [recipe]).fetchall()}
+        finally:
+            con.close()
+
+
+def render_paired(rows: list[dict], out_dir: Path, higher: dict[tuple, bool] | None = None) -> str:
+    """`higher`: (suite, metric) -> higher is better; an improvement of a lower-is-better metric (a loss) is a
+    negative delta."""
     from pipeline.plots import bar_chart
 
     lines = []
@@ -103,15 +165,16 @@ def render_paired(rows: list[dict], out_dir: Path) -> str:
         title = f"{model_a} → {model_b} · {suite} · {metric}" + (f" ({filt})" if filt not in ("none", "") else "")
         lines += [f"### {title}", ""]
         if subj and overall:
-            best = max(subj, key=lambda r: r["delta"])
-            worst = min(subj, key=lambda r: r["delta"])
+            sign = -1 if (higher or {}).get((suite, metric)) is False else 1
+            best = max(subj, key=lambda r: sign * r["delta"])
+            worst = min(subj, key=lambda r: sign * r["delta"])
             mi, ma = overall["micro"], overall["macro"]
             lines += ["| | average before | average after | average improvement | 95% CI | max improvement | "
                       "min improvement | subjects improved |", "|---|---:|---:|---:|---|---:|---:|---:|",
                       f"| micro (documents) | {mi['a']:.4f} | {mi['b']:.4f} | {mi['delta']:+.4f} | "
                       f"[{mi['ci_low']:+.4f}, {mi['ci_high']:+.4f}] {_sig(mi)} | {best['delta']:+.4f} "
                       f"({best['name']}) | {worst['delta']:+.4f} ({worst['name']}) | "
-                      f"{sum(r['delta'] > 0 for r in subj)}/{len(subj)} |",
+                      f"{sum(sign * r['delta'] > 0 for r in subj)}/{len(subj)} |",
                       f"| macro (subjects) | {ma['a']:.4f} | {ma['b']:.4f} | {ma['delta']:+.4f} | "
                       f"[{ma['ci_low']:+.4f}, {ma['ci_high']:+.4f}] {_sig(ma)} | | | |", ""]
         lines += [f"| subject | n | {model_a} | {model_b} | delta | 95% CI | p | p (Holm) | |",
@@ -139,7 +202,12 @@ def render_paired(rows: list[dict], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def render_judge(recipe: str, db: Path, out_dir: Path) -> str:
+JUDGE_COLORS = {"win": "#31a354", "tie": "#bdbdbd", "loss": "#de2d26", "no verdict": "#6a51a3"}
+
+
+def render_judge(recipe: str, db: Path, out_dir: Path, max_no_verdict_rate: float = 0.2) -> str:
+    """The judge's rates (each over the instructions it is a rate of, n), a warning when the no-verdict (or
+    ungraded) rate is above the limit, and for pairwise judging the shares of win / tie / loss / no verdict."""
     import duckdb
 
     from pipeline.plots import bar_chart
@@ -153,22 +221,61 @@ def render_judge(recipe: str, db: Path, out_dir: Path) -> str:
             con.close()
     if not rows:
         return ""
-    mode, n, cand, ref = rows[0][0], rows[0][3], rows[0][4], rows[0][5]
-    values = {r[1]: r[2] for r in rows}
-    lines = ["", f"## LLM judge ({mode}, {n} instructions): {cand} vs {ref}", "", "| metric | value |", "|---|---:|"]
-    lines += [f"| {m} | {v:.4f} |" for m, v in values.items() if v is not None]
+    mode, cand, ref = rows[0][0], rows[0][4], rows[0][5]
+    values, ns = {r[1]: r[2] for r in rows}, {r[1]: r[3] for r in rows}
+    rate_key = "no_verdict_rate" if mode == "pairwise" else "ungraded_rate"
+    asked = ns.get(rate_key) or 0
+    total = asked if mode == "pairwise" else asked // 2
+    missing = round((values.get(rate_key) or 0.0) * asked)
+    judged = ns.get("win_rate" if mode == "pairwise" else "grade")
+    lines = ["", f"## LLM judge ({mode}, {total} instructions): {cand} vs {ref}", ""]
     if mode == "pairwise":
-        bar_chart(out_dir / "judge.png", [f"{cand} vs {ref}"],
-                  {"win": [values["win_rate"]], "tie": [values["tie_rate"]], "loss": [values["loss_rate"]]},
-                  title="LLM judge, both orders (inconsistent verdicts are ties)", ylabel="share",
-                  stacked=True, colors=["#31a354", "#bdbdbd", "#de2d26"])
-        lines += ["", "![win / tie / loss](judge.png)"]
+        lines += [f"{judged} judged, {missing} without a verdict (either order gave none: its own outcome, not a "
+                  f"tie); the rates are over the judged instructions, `no_verdict_rate` over all {total}.", ""]
+    else:
+        lines += [f"{missing} of {asked} answers without a grade; each mean grade is over the graded answers.", ""]
+    if asked and missing / asked > max_no_verdict_rate:
+        what = "verdict" if mode == "pairwise" else "grade"
+        lines += [f"> **Warning**: the judge gave no {what} on {missing} of {asked} ({rate_key} "
+                  f"{missing / asked:.3f}, above eval.judge.max_no_verdict_rate = {max_no_verdict_rate:g}): "
+                  + (f"the rates rest on {judged} judged instruction(s)." if judged else "nothing was judged."), ""]
+    lines += ["| metric | value | n |", "|---|---:|---:|"]
+    lines += [f"| {m} | {'—' if v is None else f'{v:.4f}'} | {ns[m]} |" for m, v in values.items()]
+    if mode == "pairwise" and total:
+        share = (judged or 0) / total
+        series = {"win": values.get("win_rate"), "tie": values.get("tie_rate"), "loss": values.get("loss_rate")}
+        series = {k: [(v or 0.0) * share] for k, v in series.items()}
+        series["no verdict"] = [missing / total]
+        bar_chart(out_dir / "judge.png", [f"{cand} vs {ref}"], series,
+                  title=f"LLM judge, both orders: shares of the {total} instructions (inconsistent verdicts are "
+                        f"ties)", ylabel="share", stacked=True, colors=[JUDGE_COLORS[k] for k in series])
+        lines += ["", "![win / tie / loss / no verdict](judge.png)"]
     return "\n".join(lines) + "\n"
 
 
-def render_curves(recipe: str, db: Path, out_dir: Path) -> str:
-    """Each training stage's curves from the `train_log` table: loss, and for DPO the rewards of the chosen and
-    rejected answers, their margin and accuracy (`train-<stage>.png`)."""
+def render_answers(answers: dict) -> str:
+    """How many of each model's answers to the judge's instructions are empty."""
+    import json
+
+    if not answers:
+        return ""
+    counts = {}
+    for role, folder in sorted(answers.items()):
+        path = Path(folder) / "answers.jsonl"
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x] if path.is_file() else []
+        counts[role] = (len(rows), sum(not r["answer"].strip() for r in rows))
+    lines = ["", "Answers to the judge's instructions: " + "; ".join(
+        f"{role} {n} ({empty} empty)" for role, (n, empty) in counts.items()) + ".", ""]
+    for role, (n, empty) in counts.items():
+        if empty:
+            lines += [f"> **Warning**: {empty} of {role}'s {n} answers are empty (\"\"): the judge compared "
+                      f"nothing with the other model's answer there.", ""]
+    return "\n".join(lines)
+
+
+def render_curves(recipe: str, db: Path, out_dir: Path, stages: list[str] | None = None) -> str:
+    """Each training stage's curves from the `train_log` table, in training order (`stages`): loss, and for DPO
+    the rewards of the chosen and rejected answers, their margin and accuracy (`train-<stage>.png`)."""
     import duckdb
 
     from pipeline.plots import _pyplot, save
@@ -186,7 +293,9 @@ def render_curves(recipe: str, db: Path, out_dir: Path) -> str:
         return ""
     plt = _pyplot()
     lines = ["", "## Training curves", ""]
-    for stage in dict.fromkeys(r[0] for r in rows):
+    order = list(stages or [])
+    for stage in sorted(dict.fromkeys(r[0] for r in rows),
+                        key=lambda x: (order.index(x) if x in order else len(order), x)):
         series: dict[str, list] = {}
         for _, step, metric, value in (r for r in rows if r[0] == stage):
             series.setdefault(metric, []).append((step, value))
@@ -210,13 +319,17 @@ def render_curves(recipe: str, db: Path, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, config: dict | None = None) -> dict:
-    text = render(recipe, table(Path(db), recipe))
-    text += render_judge(recipe, Path(db), out_dir)
-    text += render_curves(recipe, Path(db), out_dir)
+def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, answers: dict | None = None,
+        config: dict | None = None) -> dict:
+    config = config or {}
     pair = paired(Path(db), recipe)
+    text = render(recipe, table(Path(db), recipe), paired_tests(pair))
+    judge = render_judge(recipe, Path(db), out_dir, config.get("max_no_verdict_rate", 0.2))
+    text += judge + render_answers(answers or {})
+    text += render_curves(recipe, Path(db), out_dir, config.get("stages"))
     if pair:
-        text += "\n## Paired comparisons (same documents)\n\n" + render_paired(pair, out_dir)
+        text += "\n## Paired comparisons (same documents)\n\n" + render_paired(pair, out_dir,
+                                                                            directions(Path(db), recipe))
     (out_dir / "comparison.md").write_text(text, encoding="utf-8")
     print("\n" + text, flush=True)
     return {}

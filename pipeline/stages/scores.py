@@ -6,8 +6,9 @@ manifest, or the hub id), dataset digest (the filtered dataset the model was tun
 resolved lm-eval task configs, the eval settings and the harness version) and package versions. A recipe's rows
 are replaced in one transaction, under a file lock, so parallel builds never write the database at once.
 The table `pairs` holds the pairs a recipe compares (base → sft → dpo: each training stage with the model it
-started from; the final model with each `[eval.models]` model); the view `comparison` joins their scores per
-(recipe, suite, task, subject, metric).
+started from, then base → the final model when that is not one of them; the final model with each
+`[eval.models]` model); the view `comparison` joins their scores per (recipe, suite, task, subject, metric).
+A metric lm-eval gives no count for (a group's) gets n from the documents behind it (`group_n`).
 
 Per-document scores (lm-eval's samples) go into `items`, and base vs tuned is compared on the same documents
 (matched by lm-eval's doc_hash) in `paired`: per subject (each lm-eval leaf task), per category of the suite's
@@ -30,7 +31,7 @@ from pathlib import Path
 from pipeline.stage import Stage
 from pipeline.store import digest_json, file_lock, input_digest
 
-STAGE = Stage(name="scores", version=3, phase="scores", cache=False, verbosity=1,
+STAGE = Stage(name="scores", version=4, phase="scores", cache=False, verbosity=1,
               doc="Load a recipe's evaluation results into artifacts/scores.duckdb.")
 
 
@@ -48,6 +49,9 @@ def tasks(plan):
                  "role": p.info["role"], "reference": p.info["reference"], "prompt": p.info["prompt"]}
         results[p.name] = p.out
     pairs = [list(p) for p in plan.comparisons()]
+    final, stages = plan.final(), len(plan.section("train"))
+    if final != "base" and ["base", final] not in pairs:  # base → final too, after each stage with its start
+        pairs.insert(stages, ["base", final])
     logs = {p.name: p.info["log"] for p in plan.products("model") if "log" in p.info}
     results.update({f"log:{k}": v for k, v in logs.items()})
     categories = sorted({e["categories"] for e in entries if e["categories"]})
@@ -105,40 +109,85 @@ def rows_for(recipe: str, entry: dict) -> list[dict]:
     datasets = entry.get("dataset") or []
     dataset_digest = (input_digest(Path(datasets[0])) if len(datasets) == 1 else
                       digest_json([input_digest(Path(d)) for d in datasets])) if datasets else None
-    eval_digest = digest_json(eval_config_of(result))
+    eval_digest = digest_json(eval_config_of(result, documents_of(entry)))
     better = result.get("higher_is_better", {})
+    counts = item_counts(entry)
     rows = []
     for m in result["metrics"]:
         rows.append({"recipe": recipe, "model": entry["role"], "model_ref": entry["model_ref"],
                      "suite": entry["suite"], "task": m["task"], "subject": m["subject"], "metric": m["metric"],
-                     "filter": m["filter"], "value": m["value"], "stderr": m["stderr"], "n": m["n"],
+                     "filter": m["filter"], "value": m["value"], "stderr": m["stderr"],
+                     "n": m["n"] if m["n"] is not None else group_n(result, m, counts),
                      "higher_is_better": better.get(m["task"], {}).get(m["metric"]),
                      "model_digest": model_digest, "dataset_digest": dataset_digest,
                      "eval_config_digest": eval_digest, "packages": json.dumps(result["packages"], sort_keys=True)})
     return rows
 
 
+def _samples(entry: dict):
+    """(task, sample) for every line of an evaluation's samples/<task>.jsonl."""
+    folder = Path(entry["result"]) / "samples"
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line:
+                yield path.stem, json.loads(line)
+
+
+def item_counts(entry: dict) -> dict[tuple, int]:
+    """(task, metric, filter) -> how many documents the evaluation scored."""
+    counts: dict[tuple, int] = {}
+    for task, s in _samples(entry):
+        for metric in s.get("metrics", []):
+            key = (task, metric, s.get("filter", "none"))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def group_n(result: dict, m: dict, counts: dict[tuple, int]) -> int | None:
+    """The documents behind a metric lm-eval gives no count for: its own samples, or for a group (a task with
+    no config of its own) the documents of its subtasks: those lm-eval lists (`group_subtasks`), else, when the
+    evaluation holds one group only, every subtask. None when that cannot be known (nested groups)."""
+    own = counts.get((m["task"], m["metric"], m["filter"]))
+    if own is not None:
+        return own
+    configs = result.get("configs", {})
+    if m["task"] in configs:
+        return None
+    members = result.get("group_subtasks", {}).get(m["task"])
+    if members is None:
+        groups = {x["task"] for x in result["metrics"] if x["task"] not in configs}
+        members = list(configs) if groups == {m["task"]} else []
+    found = [counts[k] for t in members if (k := (t, m["metric"], m["filter"])) in counts]
+    return sum(found) if found else None
+
+
+def documents_of(entry: dict) -> dict[str, str]:
+    """Per task, a digest of the documents the evaluation scored (lm-eval's `doc_hash` of each document, i.e. the
+    content of each data row): an edit of one row of a suite's data file changes it."""
+    docs: dict[str, set] = {}
+    for task, s in _samples(entry):
+        docs.setdefault(task, set()).add((s.get("doc_id"), s.get("doc_hash")))
+    return {t: digest_json(sorted(d, key=repr)) for t, d in sorted(docs.items())}
+
+
 def items_for(recipe: str, entry: dict) -> list[tuple]:
     """Per-document metric values from lm-eval's samples (numeric metrics only)."""
     out = []
-    folder = Path(entry["result"]) / "samples"
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        task = path.stem
-        for line in path.read_text(encoding="utf-8").splitlines():
-            s = json.loads(line)
-            for metric in s.get("metrics", []):
-                v = s.get(metric)
-                if isinstance(v, bool) or isinstance(v, (int, float)):
-                    out.append((recipe, entry["role"], entry["suite"], task, metric, s.get("filter", "none"),
-                                s.get("doc_hash") or str(s.get("doc_id")), s.get("doc_id"), float(v)))
+    for task, s in _samples(entry):
+        for metric in s.get("metrics", []):
+            v = s.get(metric)
+            if isinstance(v, bool) or isinstance(v, (int, float)):
+                out.append((recipe, entry["role"], entry["suite"], task, metric, s.get("filter", "none"),
+                            s.get("doc_hash") or str(s.get("doc_id")), s.get("doc_id"), float(v)))
     return out
 
 
-def eval_config_of(result: dict) -> dict:
-    """What makes two evaluations comparable: the eval settings, the resolved lm-eval task configs and the
-    harness version. Its digest is each score row's `eval_config_digest`; pairing refuses when it differs."""
+def eval_config_of(result: dict, documents: dict | None = None) -> dict:
+    """What makes two evaluations comparable: the eval settings, the resolved lm-eval task configs, the harness
+    version and the documents scored (`documents_of`: the suite's data, row by row). Its digest is each score
+    row's `eval_config_digest`; pairing refuses when it differs."""
     return {"eval": result["eval_config"], "configs": result.get("configs", {}),
-            "lm_eval": result["packages"].get("lm_eval")}
+            "lm_eval": result["packages"].get("lm_eval"), "data": documents or {}}
 
 
 def _result(entry: dict) -> dict:
@@ -188,7 +237,8 @@ def paired_rows(recipe: str, entries: list[dict], items: list[tuple], pairs: lis
                       {k[2:] for k in values if k[1] == suite and k[0] == role_b})
         if not keys:
             continue
-        check_comparable(suite, eval_config_of(_result(base)), eval_config_of(_result(tuned)), role_a, role_b)
+        check_comparable(suite, eval_config_of(_result(base), documents_of(base)),
+                         eval_config_of(_result(tuned), documents_of(tuned)), role_a, role_b)
         for metric, filt in sorted({(m, f) for _, m, f in keys}):
             subjects = {}
             for task in sorted({t for t, m, f in keys if (m, f) == (metric, filt)}):
@@ -208,7 +258,9 @@ HIGHER = {"win_rate": True, "lc_win_rate": True, "score": True, "grade": True, "
 
 
 def judge_rows(recipe: str, judge: dict | None) -> list[dict]:
-    """The LLM judge's rates as score rows of the judged model (suite 'judge', task = the mode)."""
+    """The LLM judge's rates as score rows of the judged model (suite 'judge', task = the mode). Each row's n is
+    what its rate is over: the judged instructions for win / tie / loss / score (no verdict is its own outcome),
+    every instruction for `no_verdict_rate`; a rate with nothing judged is NULL."""
     if not judge:
         return []
     result = json.loads((Path(judge["result"]) / "results.json").read_text())
@@ -217,7 +269,8 @@ def judge_rows(recipe: str, judge: dict | None) -> list[dict]:
     return [{"recipe": recipe, "model": judge["role"], "model_ref": judge["model_ref"], "suite": "judge",
              "task": result["mode"], "subject": judge.get("reference", ""), "metric": k, "filter": "none", "value": v,
              "stderr": None,
-             "n": result["n"], "higher_is_better": HIGHER.get(k), "model_digest": input_digest(Path(judge["model"])),
+             "n": result.get("metric_n", {}).get(k, result["n"]), "higher_is_better": HIGHER.get(k),
+             "model_digest": input_digest(Path(judge["model"])),
              "dataset_digest": None, "eval_config_digest": digest, "packages": json.dumps({"judge": result["judge"]})}
             for k, v in sorted(result["metrics"].items())]
 

@@ -23,8 +23,16 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="sft", version=5, phase="train", section="train.<name>", gpus="train.<name>.gpus",
+STAGE = Stage(name="sft", version=6, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
+
+
+def localize(out_dir: Path, *, base_model: str, **_) -> dict:
+    """This task's own adapter_config.json: the adapter names its recipe's start folder (the run cache keeps it
+    portable; see `pipeline.training.localize_adapter`)."""
+    from pipeline.training import localize_adapter
+
+    return localize_adapter(out_dir, base_model)
 
 
 def tasks(plan):
@@ -88,5 +96,5 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
         fitted = training.fit(trainer, scratch, where)
-    return training.finish(out_dir, trainer, tokenizer, peft_config, base_ref, template, fitted,
+    return training.finish(out_dir, trainer, tokenizer, peft_config, base_model, template, fitted,
                            {"method": "sft", "finetuning": c["finetuning"], **counts, "precision": prec})

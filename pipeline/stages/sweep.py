@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.stage import Stage
 
-STAGE = Stage(name="sweep", version=1, phase="project", cache=False,
+STAGE = Stage(name="sweep", version=2, phase="project", cache=False,
               doc="One results table for the variants of a sweep, each compared with the baseline (Holm).")
 RESAMPLES = 2000
 
@@ -48,12 +48,15 @@ def tasks(plan):
                         doc=f"the results table of the sweep {name} ({len(rows)} variants)")
 
 
-def _outcomes(folder: Path | None) -> dict[str, float]:
+def _outcomes(folder: Path | None) -> tuple[dict[str, float], int]:
+    """The judged instructions' outcomes (win 1, tie ½, loss 0), and how many instructions were put to the judge:
+    an instruction without a verdict is no outcome (never a tie)."""
     if folder is None:
-        return {}
+        return {}, 0
     path = Path(folder) / "verdicts.jsonl"
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
-    return {r["id"]: r["outcome"] for r in rows if "outcome" in r}
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x] if path.is_file() else []
+    rows = [r for r in rows if "outcome" in r]
+    return {r["id"]: r["outcome"] for r in rows if r["outcome"] is not None}, len(rows)
 
 
 def _ci(values, seed: int = 0) -> tuple[float, float]:
@@ -90,7 +93,7 @@ def _suite_means(db: Path, variant: str, final: str) -> dict[str, float]:
         out.setdefault(f"{suite} {metric}", value)
     if loss:
         out["heldout loss"] = loss[0]
-    if "lc_win_rate" in judge:
+    if judge.get("lc_win_rate") is not None:
         out["lc win rate"] = judge["lc_win_rate"]
     return out
 
@@ -101,7 +104,8 @@ def run(out_dir: Path, *, sweep: str, variants: list[dict], baseline: str, db: P
     from pipeline.stats import holm, paired_p
 
     keys = [a["key"] for a in variants[0]["axes"]]
-    outcomes = {v["variant"]: _outcomes(judges.get(v["variant"])) for v in variants}
+    asked = {v["variant"]: _outcomes(judges.get(v["variant"])) for v in variants}
+    outcomes = {name: o for name, (o, _) in asked.items()}
     base = outcomes.get(baseline, {})
     table = []
     for v in variants:
@@ -113,15 +117,18 @@ def run(out_dir: Path, *, sweep: str, variants: list[dict], baseline: str, db: P
         if any("seed_tasks_kept" in r for r in reports):
             row["tasks kept (seeds + machine)"] = sum(r.get("seed_tasks_kept", 0) + r.get("machine_tasks_kept", 0)
                                                       for r in reports)
-        o = outcomes[name]
+        o, total = asked[name]
+        if total:
+            row["judged"] = len(o)
+            row["no verdict rate"] = (total - len(o)) / total
         if o:
             vals = list(o.values())
             row["win rate"] = sum(x == 1.0 for x in vals) / len(vals)
             row["score"] = sum(vals) / len(vals)
             row["score CI"] = _ci(vals)
         row.update(_suite_means(Path(db), name, v["final"]))
-        if o and base and name != baseline:
-            ids = sorted(set(o) & set(base))
+        ids = sorted(set(o) & set(base)) if name != baseline else []
+        if ids:
             import numpy as np
 
             a, b = np.array([base[i] for i in ids]), np.array([o[i] for i in ids])
@@ -165,7 +172,8 @@ def _markdown(sweep: str, baseline: str, keys: list[str], columns: list[str], ta
              f"Swept: {', '.join(f'`{k}`' for k in keys)}. Baseline: `{baseline}` (the first value of every axis); "
              f"`vs baseline` is the mean difference of the judge's per-instruction outcome (win 1, tie ½, loss 0) on "
              f"the same instructions, with a 95% paired bootstrap CI, Wilcoxon's p and Holm's correction across "
-             f"variants.", "",
+             f"variants. `win rate` and `score` are over the `judged` instructions only (an instruction without a "
+             f"verdict is no tie: it counts in `no verdict rate`).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in table:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
