@@ -396,9 +396,10 @@ def make_client(config: dict, *, generator, ledger, recipe: str = "") -> Client:
         model_id = config["model"]
     else:
         ref = str(generator if generator is not None else config["model"])
-        # A local model is identified by its content when it is an artifact folder, else by its name.
-        is_artifact = (Path(ref) / "manifest.json").is_file()
-        model_id = f"{config['model']}@{input_digest(Path(ref))[:16]}" if is_artifact else ref
+        # A local model is identified by its content when it is a folder (an artifact or a folder under recipes/:
+        # retrained weights are asked anew), else by its hub name.
+        is_folder = Path(ref).is_dir()
+        model_id = f"{config['model']}@{input_digest(Path(ref))[:16]}" if is_folder else ref
         backend = LocalBackend(ref, model_id)
     return Client(backend=backend, ledger=Ledger(Path(ledger)), model_id=model_id, recipe=recipe,
                   concurrency=config["concurrency"], usage=Usage(price_per_1k_tokens=config["price_per_1k_tokens"]))

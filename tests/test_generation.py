@@ -79,3 +79,20 @@ def test_the_local_backend_answers_through_the_engine(tiny_model, tmp_path):
     assert client.usage.sent == 8
     again = Client(backend, Ledger(tmp_path / "ledger.sqlite"), "builtin:tiny")
     assert again.complete_many(PROMPTS[:8], params) == answers and again.usage.sent == 0
+
+
+def test_a_local_model_folder_is_asked_by_its_content(tiny_model, tmp_path):
+    import shutil
+
+    from pipeline.llm import make_client
+
+    folder = tmp_path / "models" / "mine"
+    shutil.copytree(tiny_model, folder)
+    config = {"backend": "local", "model": "models/mine", "concurrency": 1, "price_per_1k_tokens": 0.0}
+    before = make_client(config, generator=str(folder), ledger=tmp_path / "l.sqlite").model_id
+    weights = next(folder.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1                                # retrained in place
+    weights.write_bytes(bytes(data))
+    after = make_client(config, generator=str(folder), ledger=tmp_path / "l.sqlite").model_id
+    assert before != after and before.startswith("models/mine@")
