@@ -50,6 +50,16 @@ class TemplateError(ValueError):
     """A chat template that cannot be trained with: it fails, or does not render a conversation turn by turn."""
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading token ids two sequences share (where a prompt's tokens end inside prompt + answer)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def resolve(value: str) -> str:
     """The path (relative to `recipes/`) of a template's short name; any other value is returned unchanged."""
     return NAMES.get(value, value)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
+from pipeline.templates import common_prefix
 
 STAGE = Stage(name="dpo", version=3, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Direct preference optimisation with TRL's DPOTrainer (LoRA, QLoRA, full, freeze).")
@@ -41,15 +42,6 @@ def tasks(plan):
     from pipeline.training import train_tasks
 
     yield from train_tasks(plan, STAGE, "dpo", "preference", "training stage {name}: DPO ({finetuning}) from {base}")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def tokenize_pairs(pairs, tokenizer) -> list[dict]:
@@ -77,7 +69,7 @@ def tokenize_pairs(pairs, tokenizer) -> list[dict]:
             prompt = ids(ex["prompt"])
             chosen, rejected = (ids(ex["prompt"] + (a if a.endswith(eos) else a + eos))
                                 for a in (ex["chosen"], ex["rejected"]))
-        n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+        n = min(common_prefix(prompt, chosen), common_prefix(prompt, rejected))
         rows.append({"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
     return rows
 

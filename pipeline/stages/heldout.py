@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
+from pipeline.templates import common_prefix
 
 STAGE = Stage(name="heldout", basename="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
@@ -63,15 +64,6 @@ def _nll(lm, ids: list[int], start: int):
     return torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")[start - 1:]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def score_pairs(lm, tok, pairs: list[dict], limit: int, chat_template: Path) -> tuple[list[dict], int]:
     """Per pair: the summed log-prob of the chosen and of the rejected answer given the prompt (each rendered with
     the chat template, the answer starting where prompt and prompt + answer stop agreeing, as TRL tokenizes), the
@@ -86,7 +78,7 @@ def score_pairs(lm, tok, pairs: list[dict], limit: int, chat_template: Path) -> 
         except Exception as e:  # jinja2's UndefinedError, raise_exception() in the template, ...
             raise TunebuildError(f"{chat_template}: the chat template fails on held-out preference pair {i + 1}: "
                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        start = min(_common_prefix(prompt, full["chosen"]), _common_prefix(prompt, full["rejected"]))
+        start = min(common_prefix(prompt, full["chosen"]), common_prefix(prompt, full["rejected"]))
         if start >= limit or start < 1 or any(len(f) <= start for f in full.values()):
             skipped += 1
             continue
