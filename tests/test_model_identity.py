@@ -193,7 +193,7 @@ def test_the_digest_cache_reads_an_unchanged_file_once(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     big = tmp_path / "weights.bin"
-    big.write_bytes(os.urandom(store.CACHED_DIGEST_MIN_SIZE + 1))
+    big.write_bytes(b"\0" * (store.CACHED_DIGEST_MIN_SIZE + 1))
     st = big.stat()
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns - 10 * 10**9))  # outside the racy window
     reads = []
@@ -202,7 +202,7 @@ def test_the_digest_cache_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     first = store.file_digest(big)
     assert store.file_digest(big) == first == real(big) and len(reads) == 1
     with open(big, "r+b") as f:  # rewritten in place, same size
-        f.write(b"x")
+        f.write(b"x")  # differs from the zero byte it replaces
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns - 5 * 10**9))
     assert store.file_digest(big) == real(big) != first and len(reads) == 2
     fresh = tmp_path / "fresh.bin"  # just written: hashed, not remembered (it may still change within its mtime)
