@@ -11,6 +11,7 @@ The train / held-out split is by a hash of the record's content, so it is the sa
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -22,6 +23,36 @@ CONTENT_KEYS = ("messages", "prompt", "chosen", "rejected")
 
 def kind_of(record: dict) -> str:
     return "preference" if "chosen" in record else "sft"
+
+
+def declared_kind(d: dict, recipes_dir: Path) -> tuple[str | None, str]:
+    """The kind of records a `[data.<name>]` table makes ('sft' or 'preference') and how that is known, before
+    anything is built: generated data is SFT; a `format` says it; a local file with format = 'auto' is recognised
+    from its first rows. (None, '') where the import alone can tell: a hub dataset with format = 'auto', or a file
+    that cannot be read or recognised (the import names the problem)."""
+    from pipeline.formats import kind_of_format
+
+    if d["source"] == "generate":
+        return "sft", "source = 'generate'"
+    if d["format"] != "auto":
+        return kind_of_format(d["format"]), f"format = '{d['format']}'"
+    file = Path(recipes_dir) / d["source"]
+    if not file.is_file():
+        return None, ""
+    stat = file.stat()
+    fmt = _recognised(str(file.resolve()), stat.st_mtime_ns, stat.st_size,
+                      tuple(sorted((d["columns"] or {}).items())))
+    return (kind_of_format(fmt), f"its rows are {fmt} data") if fmt else (None, "")
+
+
+@functools.lru_cache(maxsize=64)
+def _recognised(path: str, mtime_ns: int, size: int, columns: tuple) -> str | None:
+    from pipeline.formats import detect, head_rows
+
+    try:
+        return detect(head_rows(Path(path), 20), dict(columns) or None)
+    except TunebuildError:
+        return None
 
 
 def is_heldout(record: dict, fraction: float) -> bool:

@@ -7,17 +7,26 @@
   restore, and temporary folders of interrupted runs; with the space each frees. Deletes only with `--yes`.
 - `doit runs [--all]`: the timeline of the last build (or of every build) from `artifacts/runs.jsonl`: where and
   when each stage task ran, on which GPUs or Slurm job, and how it ended.
+- `doit info TASK` and `doit list` are doit's own, with two differences: a group task (`build:<recipe>`,
+  `eval:<recipe>`: no actions, only the tasks it runs) is up to date when every task it runs is, instead of never
+  ("The task has no dependencies"), and an unknown task is one line, not a traceback.
 
-Both only read the task list and doit's state; like dodo.py they import nothing heavy.
+Every command here stops quietly when its reader goes away (`doit why | head -2`): exit 141 (128 + SIGPIPE, as
+`git log | head -1`), no BrokenPipeError traceback. They only read the task list and doit's state; like dodo.py
+they import nothing heavy.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
+from doit import cmd_info, cmd_list
 from doit.cmd_base import DoitCmdBase, check_tasks_exist
+from doit.dependency import DependencyStatus
 from doit.exceptions import InvalidCommand
 
 from pipeline.console import clock as _clock
@@ -26,6 +35,22 @@ from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_
 from pipeline.store import config_diff, pid_alive
 
 RUN, MAYBE = "will run", "may run"
+SIGPIPE_EXIT = 141   # 128 + SIGPIPE: what a command killed by a closed pipe exits with
+
+
+def _quiet_pipe(execute):
+    """A command's `execute` that, when its reader goes away (`| head -2`), stops with SIGPIPE_EXIT and prints
+    nothing more: what is still buffered goes to /dev/null instead of raising again when Python exits."""
+    @functools.wraps(execute)
+    def run(self, params, args):
+        try:
+            rc = execute(self, params, args)
+            self.outstream.flush()
+            return rc
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return SIGPIPE_EXIT
+    return run
 
 
 def _selection(cmd, pos_args) -> tuple[dict, list[str]]:
@@ -74,6 +99,43 @@ def _input_folders(task) -> list[str]:
     return sorted(set(found), key=len, reverse=True)
 
 
+class List(cmd_list.List):
+    """doit's `list`, quiet on a closed pipe."""
+    execute = _quiet_pipe(cmd_list.List.execute)
+
+
+class Info(cmd_info.Info):
+    """doit's `info`, where a group task is up to date when every task it runs (transitively) is."""
+    execute = _quiet_pipe(cmd_info.Info.execute)
+    WOULD_RUN = "would_run"
+
+    def _execute(self, pos_args, hide_status=False):
+        if len(pos_args) == 1:  # else doit's own message
+            tasks, _ = _selection(self, pos_args)
+            task = tasks[pos_args[0]]
+            if not task.actions:  # build:<recipe>, eval:<recipe>, build, ...
+                own = self.dep_manager.get_status
+                self.dep_manager.get_status = lambda t, ts, get_log=False: \
+                    self._group_status(t, ts, own) if t is task else own(t, ts, get_log)
+        return super()._execute(pos_args, hide_status)
+
+    def _group_status(self, group, tasks, get_status) -> DependencyStatus:
+        status = DependencyStatus(True)
+        producer = {target: t.name for t in tasks.values() for target in t.targets}
+        for name in _closure(tasks, [group.name], producer):
+            if tasks[name].actions and get_status(tasks[name], tasks).status != "up-to-date":
+                status.add_reason(self.WOULD_RUN, name)
+        return status
+
+    @staticmethod
+    def get_reasons(reasons):
+        stale = reasons.get(Info.WOULD_RUN)
+        if not stale:
+            return cmd_info.Info.get_reasons(reasons)
+        return "\n".join([" * The tasks it runs that are not up to date (`doit why` says why):",
+                          *(f"    - {name}" for name in stale)])
+
+
 class Why(DoitCmdBase):
     name = "why"
     doc_purpose = "say which tasks would run and why, transitively, without running anything"
@@ -83,6 +145,7 @@ class Why(DoitCmdBase):
                        "outputs. Tasks downstream of one that will run are listed as 'may run': if the upstream "
                        "output comes out byte-identical, they stay up to date (early cutoff).")
     cmd_options = ()
+    execute = _quiet_pipe(DoitCmdBase.execute)
 
     def _execute(self, pos_args=None):
         tasks, selected = _selection(self, pos_args)
@@ -223,6 +286,7 @@ class Gc(DoitCmdBase):
                        "longer exist. A dry run unless --yes.")
     cmd_options = ({"name": "yes", "long": "yes", "type": bool, "default": False,
                     "help": "delete what is listed (default: only list it)"},)
+    execute = _quiet_pipe(DoitCmdBase.execute)
 
     def _execute(self, yes=False):
         from pipeline.runner import CACHE, SCRATCH, stage_key
@@ -422,6 +486,7 @@ class Runs(DoitCmdBase):
     cmd_options = ({"name": "all", "long": "all", "type": bool, "default": False,
                     "help": "every build in the log, not only the last"},)
 
+    @_quiet_pipe
     def execute(self, params, args):  # reads a log only: no task loading needed
         runs = read_runs()
         if not runs:

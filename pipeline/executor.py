@@ -85,7 +85,7 @@ def executor_name() -> str:
 
 def run_heavy(task: dict):
     """The doit action of a heavy task: restore it here, or run it where the executor says."""
-    from pipeline.runner import cached, compute_stage
+    from pipeline.runner import UNAVAILABLE, CannotRunHere, cached, compute_stage, failure
 
     label = task["label"]
     started = now()
@@ -94,7 +94,11 @@ def run_heavy(task: dict):
         if cached(**task):
             error, how = compute_stage(**task)
             log_run(label, started, now(), "doit", "failed" if error else how)
-            return TaskFailed(error) if error else None
+            return failure(error, how)
+        missing = missing_hub_model(task.get("hub") or {})
+        if missing:  # said here, before a child imports torch to find it out
+            log_run(label, started, now(), "doit", "failed")
+            return CannotRunHere(f"{label}: cannot run here: {missing}")
         run_dir = RUNS / f"{safe_name(label)}-{os.getpid()}"
         run_dir.mkdir(parents=True, exist_ok=True)
         spec, result = run_dir / "spec.json", run_dir / "result.json"
@@ -108,14 +112,29 @@ def run_heavy(task: dict):
             error = slurm.run(task, spec, result, log, started)
         else:
             error = _run_local(task, spec, result, log, started)
+        outcome = read_result(result) or {}
         if error is None:
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
-        return TaskFailed(error) if error else None
+        return failure(error, UNAVAILABLE if outcome.get("how") == UNAVAILABLE else "failed")
     except TunebuildError as e:
         log_run(label, started, now(), "local", "failed")
         return TaskFailed(f"{label}: {e}")
+
+
+def missing_hub_model(hub: dict) -> str | None:
+    """Why a task's hub model cannot be had here (not in the local Hugging Face cache, and the hub unreachable),
+    or None. Cheap: a folder lookup, and a connection attempt only for a model the cache lacks."""
+    from pipeline import hf
+
+    for ref in hub.values():
+        hub_id, revision = hf.split_ref(ref)
+        if hf.resolved_commit(hub_id, revision) is None and not hf.cached_snapshot(hub_id):
+            offline = hf._hub_reachable()
+            if offline:
+                return f"{hf._what(ref)} is not in the Hugging Face cache, and {offline}"
+    return None
 
 
 def read_result(result: Path) -> dict | None:

@@ -5,7 +5,7 @@ Canonical records (JSON-serialisable):
 - SFT (alpaca, sharegpt, dolly, messages): ``{"messages": [{"role", "content"}, ...]}`` -- an optional system message
   first, then user/assistant turns alternating (tool results allowed after an assistant turn), ending with an
   assistant message; plus ``"category"`` when the source has one (Dolly).
-- preference (preference, sharegpt_ranking, orca_dpo): TRL's conversational preference form,
+- preference (preference, alpaca_ranking, sharegpt_ranking, orca_dpo): TRL's conversational preference form,
   ``{"prompt": [..., user turn], "chosen": [{"role": "assistant", ...}], "rejected": [{"role": "assistant", ...}]}``.
 
 A bad row raises :class:`BadRow` (field, expected); the caller prefixes ``<file>:<row>: ``. Field names in errors are
@@ -27,9 +27,25 @@ from typing import Iterator
 
 from pipeline.errors import TunebuildError
 
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "dolly", "messages", "preference", "sharegpt_ranking", "orca_dpo")
+FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "dolly", "messages", "preference", "alpaca_ranking",
+                            "sharegpt_ranking", "orca_dpo")
 SFT_FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "dolly", "messages")
-PREFERENCE_FORMATS: tuple[str, ...] = ("preference", "sharegpt_ranking", "orca_dpo")
+PREFERENCE_FORMATS: tuple[str, ...] = ("preference", "alpaca_ranking", "sharegpt_ranking", "orca_dpo")
+
+
+def kind_of_format(fmt: str) -> str:
+    """'sft' or 'preference': the kind of canonical record a format becomes."""
+    return "preference" if fmt in PREFERENCE_FORMATS else "sft"
+
+
+def did_you_mean(word: str, known) -> str:
+    """' (did you mean X?)' for the known name nearest `word` (difflib, or initials: lr -> learning_rate), or ''."""
+    import difflib
+
+    known = [str(k) for k in known]
+    initials = [k for k in known if "_" in k and "".join(p[:1] for p in k.split("_")) == word]
+    close = initials or difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class BadRow(Exception):
@@ -67,12 +83,14 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "dolly": ("instruction", "context", "response", "category"),
     "messages": ("conversations", "system"),
     "preference": ("prompt", "chosen", "rejected"),
+    "alpaca_ranking": ("instruction", "input", "chosen", "rejected", "system", "history"),
     "sharegpt_ranking": ("conversations", "system", "chosen", "rejected"),
     "orca_dpo": ("system", "question", "chosen", "rejected"),
 }
 # Other accepted names for a field (LLaMA-Factory's): alias -> field.
 _ALIASES: dict[str, dict[str, str]] = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+    "alpaca_ranking": {"prompt": "instruction", "query": "input"},
     "sharegpt": {"messages": "conversations"},
     "messages": {"messages": "conversations"},
     "sharegpt_ranking": {"messages": "conversations"},
@@ -90,18 +108,27 @@ def _known_keys(fmt: str) -> tuple[str, ...]:
 def check_columns(fmt: str, columns: dict | None) -> None:
     """Raise FormatError when `columns` has a key `fmt` does not know, a value that is not a column name, or two
     names for one field."""
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and fmt != "auto":
         raise FormatError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if not columns:
         return
     if not isinstance(columns, dict):
         raise FormatError(f"columns must be a table of field = column name, not {type(columns).__name__}")
+    if fmt == "auto":  # each key must be known to some format; detection picks the one that fits
+        known = sorted({k for f in FORMATS for k in _known_keys(f)})
+        for key, value in columns.items():
+            if key not in known:
+                raise FormatError(f"columns: unknown key {key!r}{did_you_mean(key, known)}; known: {', '.join(known)}")
+            if not isinstance(value, str) or not value.strip():
+                raise FormatError(f"columns.{key}: expected a column name (a non-empty string), got {value!r}")
+        return
     known = _known_keys(fmt)
     aliases = _ALIASES.get(fmt, {})
     seen: dict[str, str] = {}
     for key, value in columns.items():
         if key not in known:
-            raise FormatError(f"columns: unknown key {key!r} for format {fmt}; known: {', '.join(known)}")
+            raise FormatError(f"columns: unknown key {key!r} for format {fmt}{did_you_mean(key, known)}; "
+                              f"known: {', '.join(known)}")
         if not isinstance(value, str) or not value.strip():
             raise FormatError(f"columns.{key}: expected a column name (a non-empty string), got {value!r}")
         field = aliases.get(key, key)
@@ -127,9 +154,9 @@ def _resolve_cached(fmt: str, items: tuple) -> tuple[dict, dict]:
 
 def _resolve(fmt: str, columns: dict | None) -> tuple[dict, dict]:
     """(field -> column name for the fields `columns` renames, tags). Fields not renamed keep their own name."""
+    if fmt not in FORMATS:
+        raise FormatError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if not columns:
-        if fmt not in FORMATS:
-            raise FormatError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
         return {}, {}
     if not isinstance(columns, dict):
         check_columns(fmt, columns)
@@ -166,6 +193,31 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     if suffix == ".parquet":
         return _read_parquet(path)
     return _read_csv(path)
+
+
+def head_rows(path: Path, n: int) -> list[dict]:
+    """The first `n` rows of a file, as `read_rows` reads them, without parsing all of a large JSON list (for
+    recognising a format when a recipe loads). Raises what `read_rows` raises."""
+    import itertools
+
+    path = Path(path)
+    if path.suffix.lower() == ".json" and path.is_file():
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            head = f.read(1 << 20)
+        text = head.lstrip()
+        if text.startswith("[") and len(head) == 1 << 20:  # a large list: decode its first items only
+            rows, pos, decoder = [], 1, json.JSONDecoder()
+            while len(rows) < n:
+                while pos < len(text) and text[pos] in " \t\r\n,":
+                    pos += 1
+                try:
+                    row, pos = decoder.raw_decode(text, pos)
+                except ValueError:
+                    break
+                rows.append(row)
+            if rows and all(isinstance(r, dict) for r in rows):
+                return rows
+    return [row for _, row in itertools.islice(read_rows(path), n)]
 
 
 def _read_text(path: Path) -> str:
@@ -381,8 +433,11 @@ def _fits(row: dict, fmt: str, names: dict, tags: dict) -> bool:
         return not pair and _turn_shape(row[col], tags) == fmt
     if fmt == "orca_dpo":
         return pair and has("question")
+    if fmt == "alpaca_ranking":  # LLaMA-Factory's alpaca form with ranking: true
+        return pair and isinstance(row.get(names.get("instruction", "instruction")), str) \
+            and not any(isinstance(_as_list(row.get(names.get(f, f))), list) for f in ("chosen", "rejected"))
     if fmt == "preference":
-        others = has("question") or _conv_column(row, fmt, {}) in row
+        others = has("question") or _conv_column(row, fmt, {}) in row or "instruction" in row
         return pair and (has("prompt") or not others)
     if fmt == "dolly":
         return has("instruction") and has("context") and has("response")
@@ -414,6 +469,8 @@ def detect(rows: list[dict], columns: dict[str, str] | None = None) -> str:
     found: list[str] = []
     for row in rows:
         fits = [fmt for fmt, names, tags in candidates if _fits(row, fmt, names, tags)]
+        if {"preference", "alpaca_ranking"} <= set(fits) and columns and "prompt" in columns:
+            fits.remove("preference")  # both read the prompt from that column; alpaca_ranking also folds input
         if len(fits) > 1:
             raise FormatError(f"ambiguous: the rows fit both {fits[0]} and {fits[1]}; set format")
         if fits and fits[0] not in found:
@@ -579,11 +636,15 @@ def _conversation(row: dict, fmt: str, names: dict, tags: dict, end: str) -> lis
     return _sequence(_read_turns(row[col], col, dialect), col, dialect, system, system_col, end)
 
 
-def _alpaca(row: dict, names: dict) -> dict:
-    col = {f: names.get(f, f) for f in _FIELDS["alpaca"]}
+def with_input(instruction: str, extra: str | None) -> str:
+    """The user turn of an Alpaca row: the instruction, then its input after a blank line."""
+    return instruction + ("\n\n" + extra if extra is not None else "")
+
+
+def _alpaca_prompt(row: dict, col: dict) -> list[dict]:
+    """system, history and the user turn (instruction + input) of an Alpaca row, as messages."""
     instruction = _text(row.get(col["instruction"]), col["instruction"])
     extra = _optional_text(row.get(col["input"]), col["input"])
-    output = _text(row.get(col["output"]), col["output"])
     system = _optional_text(row.get(col["system"]), col["system"])
     msgs = [{"role": "system", "content": system}] if system is not None else []
     history = _as_list(row.get(col["history"]))
@@ -595,8 +656,22 @@ def _alpaca(row: dict, names: dict) -> dict:
                     or not all(isinstance(t, str) and t.strip() for t in pair)):
                 raise BadRow(f"{col['history']}[{i}]", "a [user, assistant] pair of non-empty strings")
             msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    user = instruction + ("\n\n" + extra if extra is not None else "")
-    return {"messages": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    return msgs + [{"role": "user", "content": with_input(instruction, extra)}]
+
+
+def _alpaca(row: dict, names: dict) -> dict:
+    col = {f: names.get(f, f) for f in _FIELDS["alpaca"]}
+    prompt = _alpaca_prompt(row, col)
+    output = _text(row.get(col["output"]), col["output"])
+    return {"messages": prompt + [{"role": "assistant", "content": output}]}
+
+
+def _alpaca_ranking(row: dict, names: dict) -> dict:
+    col = {f: names.get(f, f) for f in _FIELDS["alpaca_ranking"]}
+    prompt = _alpaca_prompt(row, col)
+    c, r = _pair(_text(row.get(col["chosen"]), col["chosen"]), _text(row.get(col["rejected"]), col["rejected"]),
+                 col["rejected"])
+    return {"prompt": prompt, "chosen": c, "rejected": r}
 
 
 def _dolly(row: dict, names: dict) -> dict:
@@ -605,8 +680,8 @@ def _dolly(row: dict, names: dict) -> dict:
     context = _optional_text(row.get(col["context"]), col["context"])
     response = _text(row.get(col["response"]), col["response"])
     category = _optional_text(row.get(col["category"]), col["category"])
-    user = instruction + ("\n\n" + context if context is not None else "")
-    record = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": response}]}
+    record = {"messages": [{"role": "user", "content": with_input(instruction, context)},
+                           {"role": "assistant", "content": response}]}
     if category is not None:
         record["category"] = category
     return record
@@ -716,7 +791,9 @@ def _preference(row: dict, names: dict) -> dict:
         if not prompt or prompt[-1]["role"] != "user":
             raise BadRow(p_col, "chosen and rejected sharing a prompt that ends with a user turn")
     elif isinstance(raw_prompt, str):
-        prompt = [{"role": "user", "content": _text(raw_prompt, p_col)}]
+        # an `input` column no mapping reads follows the prompt, as in Alpaca (columns = {prompt = "instruction"})
+        extra = _optional_text(row.get("input"), "input") if "input" not in (p_col, c_col, r_col) else None
+        prompt = [{"role": "user", "content": with_input(_text(raw_prompt, p_col), extra)}]
     elif isinstance(raw_prompt, list) and raw_prompt:
         prompt = _message_list(raw_prompt, p_col)
     else:
@@ -741,4 +818,6 @@ def to_canonical(row: dict, fmt: str, columns: dict[str, str] | None = None) -> 
         return _ranking(row, names, tags)
     if fmt == "orca_dpo":
         return _orca(row, names)
+    if fmt == "alpaca_ranking":
+        return _alpaca_ranking(row, names)
     return _preference(row, names)

@@ -299,7 +299,8 @@ class Plan:
     # -- declaring tasks --------------------------------------------------------------------------------------
     def task(self, stage: Stage, name: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
              unkeyed: dict | None = None, config: dict | None = None, provides: tuple[str, str, dict] | None = None,
-             doc: str = "", uptodate: tuple = (), file_dep: tuple = (), gpus: int | None = None) -> dict:
+             doc: str = "", uptodate: tuple = (), file_dep: tuple = (), gpus: int | None = None,
+             meta: dict | None = None) -> dict:
         """One doit task dict running `stage` into `out`.
 
         inputs: argument name -> path (or a dict of name -> path): artifact folders (their manifest becomes a
@@ -307,7 +308,9 @@ class Plan:
         params: keyed plain values; unkeyed: values that do not enter the run-cache key (the ledger, the DB).
         provides: (kind, name, info) registered as a Product for later stages.
         gpus: how many GPUs a heavy stage's task needs (None: the stage's config key, else the machine's default);
-        it never enters the run-cache key or the up-to-date check: where a task runs is not what it is."""
+        it never enters the run-cache key or the up-to-date check: where a task runs is not what it is.
+        meta: what the build's summary reads about the task (doit's task `meta`): `recipe` (default: the plan's),
+        `summary` (a text file of its output whose lines the build ends with). Never part of the key."""
         inputs, params, config = inputs or {}, params or {}, config if config is not None else {}
         if stage.gpus_key and stage.gpus_key in config:
             config = dict(config)
@@ -330,6 +333,9 @@ class Plan:
                 "file_dep": sorted(set(deps)), "targets": [str(out / MANIFEST)],
                 "actions": [action], "uptodate": [config_changed(watched), *uptodate],
                 "clean": [_clean(out)], "verbosity": stage.verbosity}
+        meta = {**({"recipe": self.name} if self.name else {}), **(meta or {})}
+        if meta:
+            task["meta"] = meta
         if provides:
             kind, pname, info = provides
             self.products_.append(Product(kind, pname, str(out), from_, info))
@@ -457,7 +463,7 @@ class Project:
     def build_tasks(self):
         for r in self.recipes:
             yield {"name": r.name, "doc": f"build {r.name} end to end: {r.config['description']}",
-                   "actions": None, "task_dep": list(self.plans[r.name].task_phase)}
+                   "actions": None, "task_dep": list(self.plans[r.name].task_phase), "meta": {"recipe": r.name}}
         for name, variants in sorted(self.sweeps().items()):
             yield {"name": name, "doc": f"build the {len(variants)} variants of the sweep {name} and its table",
                    "actions": None,
@@ -467,7 +473,8 @@ class Project:
         for r in self.recipes:
             plan = self.plans[r.name]
             yield {"name": r.name, "doc": f"evaluate {r.name}'s models and refresh the scores", "actions": None,
-                   "task_dep": [t for t, phase in plan.task_phase.items() if phase in EVAL_PHASES]}
+                   "task_dep": [t for t, phase in plan.task_phase.items() if phase in EVAL_PHASES],
+                   "meta": {"recipe": r.name}}
         for name, variants in sorted(self.sweeps().items()):
             yield {"name": name, "doc": f"evaluate the variants of the sweep {name} and write its table",
                    "actions": None,

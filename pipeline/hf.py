@@ -5,6 +5,7 @@ folder it built. A model that can be neither found locally nor fetched raises `U
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pipeline.errors import Unavailable
@@ -156,21 +157,42 @@ def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True
     return (model if "quantization_config" in kwargs else model.to(device())), tok
 
 
+_OFFLINE: list = [None]   # why the hub is out of reach, once this process has set HF_HUB_OFFLINE itself
+
+
 def _hub_reachable() -> str | None:
     """None when the hub can be reached, else why not (one phrase)."""
     import os
-    import socket
     from urllib.parse import urlparse
 
+    if _OFFLINE[0]:
+        return _OFFLINE[0]
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
             os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes"):
         return "HF_HUB_OFFLINE is set"
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return _reach(endpoint.hostname, endpoint.port or 443)
+
+
+@functools.lru_cache(maxsize=8)
+def _reach(host: str, port: int) -> str | None:
+    """Asked once per process: a build asks for every task."""
+    import socket
+
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError as e:
-        return f"{endpoint.hostname} cannot be reached ({e.strerror or e})"
+        return f"{host} cannot be reached ({e.strerror or e})"
     return None
+
+
+def cached_snapshot(hub_id: str) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of `hub_id` with its config (any revision)."""
+    folder = hub_cache() / f"models--{hub_id.replace('/', '--')}" / "snapshots"
+    try:
+        return any((snap / "config.json").exists() for snap in folder.iterdir())
+    except OSError:
+        return False
 
 
 def load_hub_dataset(hub_id: str, *, subset: str | None, split: str, revision: str | None, where: str):
@@ -181,6 +203,7 @@ def load_hub_dataset(hub_id: str, *, subset: str | None, split: str, revision: s
         import os
 
         os.environ["HF_HUB_OFFLINE"] = "1"  # use the local cache only, without retrying the network
+        _OFFLINE[0] = offline  # and say why later in this process too, not "HF_HUB_OFFLINE is set"
     try:
         from datasets import load_dataset
 

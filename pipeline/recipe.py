@@ -92,11 +92,20 @@ SCHEMA: dict = {
     },
     "data": TableOf({
         "source": Key(str, doc="'generate' (self-instruct with [generate] and [filter]), a file under recipes/ "
-                               "(.json, .jsonl, .parquet, .csv) or a Hugging Face hub dataset id"),
+                               "(.json, .jsonl, .ndjson, .parquet, .csv; a path that exists there is a file, and "
+                               "another suffix is refused) or a Hugging Face hub dataset id ('owner/name', no file "
+                               "suffix)"),
         "format": Key(str, "auto", choices=("auto", "alpaca", "sharegpt", "dolly", "messages", "preference",
-                                            "sharegpt_ranking", "orca_dpo")),
+                                            "alpaca_ranking", "sharegpt_ranking", "orca_dpo"),
+                      doc="auto: recognised from the first rows. SFT: alpaca, sharegpt, dolly, messages; preference "
+                          "pairs: preference (TRL prompt/chosen/rejected), alpaca_ranking (LLaMA-Factory's alpaca "
+                          "form with ranking: true: instruction, input, chosen, rejected strings; the prompt is "
+                          "instruction + blank line + input, as in alpaca), sharegpt_ranking, orca_dpo. A DPO stage "
+                          "takes preference data only, an SFT stage SFT data only"),
         "columns": Key(dict, {}, doc="the format's field names -> this file's column names (LLaMA-Factory's "
-                                     "dataset_info.json 'columns' and 'tags')"),
+                                     "dataset_info.json 'columns' and 'tags'). An `input` column no mapping reads "
+                                     "is never dropped: with a string prompt (e.g. {prompt = \"instruction\"}) it "
+                                     "follows the prompt after a blank line, as in alpaca"),
         "split": Key(str, "train", doc="hub datasets: the split"),
         "subset": Key(str, None, doc="hub datasets: the configuration (subset) name"),
         "revision": Key(str, None, doc="hub datasets: a branch, tag or commit (the resolved commit is recorded)"),
@@ -240,6 +249,14 @@ SCHEMA: dict = {
 }
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# what the same setting is called elsewhere (transformers' TrainingArguments, PEFT, LLaMA-Factory): for "did you mean"
+ALIASES = {"num_train_epochs": "num_epochs", "epochs": "num_epochs", "per_device_train_batch_size": "batch_size",
+           "gradient_accumulation": "gradient_accumulation_steps", "cutoff_len": "max_length",
+           "max_seq_length": "max_length", "max_len": "max_length", "lr_scheduler_type": "lr_scheduler",
+           "finetuning_type": "finetuning", "stage": "method", "dataset": "data", "pref_beta": "beta",
+           "pref_loss": "loss_type", "lora_rank": "r", "rank": "r", "lora_r": "r", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "lora_target": "target_modules", "model_name_or_path": "base",
+           "template": "chat_template", "formatting": "format", "file_name": "source", "hf_hub_url": "source"}
 
 
 @dataclass(frozen=True)
@@ -281,8 +298,11 @@ def _validate(table: dict, schema: dict, prefix: str, file: Path, recipes_dir: P
     out = {}
     for k in table:
         if k not in schema:
-            known = ", ".join(sorted(schema))
-            raise RecipeError(f"{file}: unknown key '{prefix}{k}' (known keys here: {known})")
+            from pipeline.formats import did_you_mean
+
+            hint = did_you_mean(ALIASES.get(k, k) if ALIASES.get(k) in schema else k, schema)
+            raise RecipeError(f"{file}: unknown key '{prefix}{k}'{hint} (known keys here: "
+                              f"{', '.join(sorted(schema))})")
     for k, spec in schema.items():
         dotted = f"{prefix}{k}"
         where = f"{file}: {dotted}"
@@ -496,8 +516,10 @@ def _load(path: Path, name: str, raw: dict, files, recipes_dir: Path, sweep: dic
                           f"[train.sft.lora])")
     template = raw.get("model", {}).get("chat_template") if isinstance(raw.get("model"), dict) else None
     if isinstance(template, str):
-        from pipeline.templates import resolve
+        from pipeline.templates import resolve, unknown
 
+        if (why := unknown(template, recipes_dir)) is not None:
+            raise RecipeError(f"{path}: model.chat_template: {why}")
         raw["model"]["chat_template"] = resolve(template)  # a short name (`chatml`, `llama3`, ...) or a file
     config = _validate(raw, SCHEMA, "", path, recipes_dir)
     config.pop("extends", None)
@@ -512,12 +534,23 @@ def _load(path: Path, name: str, raw: dict, files, recipes_dir: Path, sweep: dic
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+FILE_SUFFIX_RE = re.compile(r"\.(?!v\d)[A-Za-z][A-Za-z0-9]{0,7}$")  # .txt, .tsv, .gz, .bz2; not .v2 or -2.5
 IMPORT_ONLY = ("format", "columns", "split", "subset", "revision", "limit", "shuffle_seed", "heldout_fraction",
                "dedup", "rouge_threshold", "language", "on_bad_row")
 
 
 def is_local_source(source: str) -> bool:
     return source.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def _file_like(src: str, recipes_dir: Path) -> bool:
+    """A data source that names a file (not a hub id): a path that exists under recipes/, a path-like spelling, or a
+    name ending in a file suffix."""
+    if src.startswith(("./", "../", "/", "~")) or "\\" in src or src.count("/") > 1 or FILE_SUFFIX_RE.search(src):
+        return True
+    file = Path(recipes_dir) / src
+    return file.resolve().is_relative_to(Path(recipes_dir).resolve()) and \
+        (file.exists() or (Path(recipes_dir) / Path(src).parts[0]).is_dir())
 
 
 def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
@@ -539,6 +572,16 @@ def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
                 raise RecipeError(f"{where}.source: '{src}' is outside {recipes_dir} (data files live under recipes/)")
             if not file.is_file():
                 raise RecipeError(f"{where}.source: file '{src}' does not exist (paths are relative to {recipes_dir})")
+        elif _file_like(src, recipes_dir):
+            file = recipes_dir / src
+            if Path(src).is_absolute() or not file.resolve().is_relative_to(recipes_dir.resolve()):
+                raise RecipeError(f"{where}.source: '{src}' is outside {recipes_dir} (data files live under recipes/)")
+            suffix = Path(src).suffix
+            what = "is a folder" if file.is_dir() else f"is a {suffix or 'suffix-less'} file" if file.exists() else \
+                f"ends in {suffix}, not a data file suffix" if suffix else f"is no file (tried {file})"
+            raise RecipeError(f"{where}.source: '{src}' {what}; expected a file under recipes/ ending in "
+                              f"{', '.join(DATA_FILE_SUFFIXES)}, or a hub dataset id like 'owner/name' (no file "
+                              f"suffix)")
         elif not HUB_ID_RE.match(src):
             raise RecipeError(f"{where}.source: expected 'generate', a file under recipes/ ending in "
                               f"{', '.join(DATA_FILE_SUFFIXES)}, or a hub dataset id like 'owner/name', got {src!r}")
@@ -548,6 +591,7 @@ def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
             except FormatError as e:
                 raise RecipeError(f"{where}.columns: {e}") from None
     _check_train(path, raw.get("train", {}), c)
+    _check_train_data_kinds(path, c, recipes_dir)
 
 
 DPO_ONLY = ("beta", "loss_type", "precompute_ref_log_probs")
@@ -601,6 +645,28 @@ def _check_train(path: Path, raw_train: dict, c: dict) -> None:
                 known = ", ".join(sorted(c["data"])) or "none"
                 raise RecipeError(f"{dwhere}: no dataset named {dname!r} (the recipe's [data.<name>] tables: "
                                   f"{known})")
+
+
+def _check_train_data_kinds(path: Path, c: dict, recipes_dir: Path) -> None:
+    """Each training stage's datasets are of the kind its method trains on (what their format says, or what the
+    first rows of a local file show), so a DPO stage on conversations fails here, not after its upstream built."""
+    from pipeline.dataset import declared_kind
+    from pipeline.formats import PREFERENCE_FORMATS
+
+    words = {"sft": "conversations (SFT data)", "preference": "preference pairs (prompt, chosen, rejected)"}
+    for name, t in sorted(c["train"].items()):
+        kind = "preference" if t["method"] == "dpo" else "sft"
+        other = "dpo" if kind == "sft" else "sft"
+        items = [(f"data[{i}]", x if isinstance(x, str) else x["name"]) for i, x in enumerate(t["data"])] or \
+            [("data", n) for n, d in sorted(c["data"].items())
+             if (d["format"] in PREFERENCE_FORMATS) == (kind == "preference") or d["format"] == "auto"]
+        for key, dname in items:
+            found, how = declared_kind(c["data"][dname], recipes_dir)
+            if found is not None and found != kind:
+                picked = "" if t["data"] else " (empty: every dataset that may hold them)"
+                raise RecipeError(f"{path}: train.{name}.{key}: dataset {dname!r} holds {words[found]} ({how}); "
+                                  f"method = '{t['method']}' trains on {words[kind]}{picked}: name a dataset of "
+                                  f"that kind, or set method = '{other}'")
 
 
 def train_order(c: dict) -> list[str]:

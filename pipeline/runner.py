@@ -16,11 +16,24 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from pipeline.errors import TunebuildError
+from pipeline.errors import TunebuildError, Unavailable
 from pipeline.store import build_cached, cache_key, input_digest, is_complete
 
 CACHE = Path("artifacts") / ".cache"
 SCRATCH = Path("artifacts") / ".scratch"   # resumable progress of long stages, keyed like the run cache
+UNAVAILABLE = "unavailable"   # the `how` of a task this machine cannot run (no model, no key, no server)
+
+
+class CannotRunHere(TaskFailed):
+    """A task failed for what this machine lacks (`Unavailable`), not for a fault: the build's summary says
+    `cannot run here`, and such failures alone do not make a build fail."""
+
+
+def failure(error: str | None, how: str):
+    """The doit result of a task: None, or its failure (a `CannotRunHere` when this machine lacks something)."""
+    if not error:
+        return None
+    return CannotRunHere(error) if how == UNAVAILABLE else TaskFailed(error)
 
 
 def _digest(value):
@@ -67,7 +80,7 @@ def run_stage(**kwargs):
     started = executor.now()
     error, how = compute_stage(**task)
     executor.log_run(task["label"], started, executor.now(), "doit", "failed" if error else how)
-    return TaskFailed(error) if error else None
+    return failure(error, how)
 
 
 def compute_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
@@ -102,6 +115,8 @@ def compute_stage(*, module: str, stage: str, version: int, label: str, out: str
         if how == "restored":
             # stderr: shown at every verbosity, also for tasks whose stdout doit captures
             print(f"{label}: restored from the run cache ({CACHE / stage / key})", file=sys.stderr, flush=True)
+    except Unavailable as e:
+        return f"{label}: cannot run here: {e}", UNAVAILABLE
     except TunebuildError as e:
         return f"{label}: {e}", how
     except FileNotFoundError as e:

@@ -23,7 +23,8 @@ from pathlib import PurePosixPath
 
 _STAGE_RUN = re.compile(r"pipeline\.stages\.[a-z_][a-z0-9_]*:run")
 _FIXED = {"pipeline.runner:run_stage", "pipeline.runner:remove_output", "os.path:exists"}
-TASK_KEYS = {"name", "doc", "file_dep", "targets", "actions", "uptodate", "clean", "verbosity", "task_dep"}
+TASK_KEYS = {"name", "doc", "file_dep", "targets", "actions", "uptodate", "clean", "verbosity", "task_dep", "meta"}
+META_KEYS = {"recipe", "summary"}
 
 
 class CacheInvalid(ValueError):
@@ -173,6 +174,11 @@ def check_task(task: dict) -> tuple[dict, int]:
         raise CacheInvalid("task_dep")
     if not isinstance(task.get("verbosity", 0), int) or not isinstance(task.get("doc", ""), str):
         raise CacheInvalid("verbosity/doc")
+    meta = task.get("meta", {})
+    if not isinstance(meta, dict) or set(meta) - META_KEYS or not all(isinstance(v, str) for v in meta.values()):
+        raise CacheInvalid("meta")
+    if "summary" in meta:
+        _relative(meta["summary"], under="artifacts")
     used = 0
     if task.get("actions") is not None:
         task["actions"] = [_check_call(a, what="action") for a in task["actions"]]

@@ -1,9 +1,10 @@
 r"""Chat templates by name: the Jinja files under `recipes/templates/`, and which tokens training learns.
 
 A recipe's `model.chat_template` is a path relative to `recipes/` or one of the short names in `NAMES` (`resolve`
-turns a short name into its path). Each file is a Hugging Face chat template, used through
-`tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=...)`; those that write the model's
-`bos_token` / `eos_token` read them from the tokenizer.
+turns a short name into its path; `unknown` says in one line why a value is neither, with the nearest name). Each
+file is a Hugging Face chat template, used through `tokenizer.apply_chat_template(messages,
+add_generation_prompt=..., tokenize=...)`; those that write the model's `bos_token` / `eos_token` read them from
+the tokenizer.
 
 | name | format of | trained span of an answer A | `end_of_turn` |
 |---|---|---|---|
@@ -20,7 +21,8 @@ Only the standard library is imported here; the tokenizer is passed in.
 """
 from __future__ import annotations
 
-from pathlib import PurePath
+import difflib
+from pathlib import Path, PurePath
 
 NAMES = {
     "default": "templates/default.jinja",
@@ -65,6 +67,23 @@ def resolve(value: str) -> str:
     return NAMES.get(value, value)
 
 
+def _nearest(value: str) -> str:
+    """`; did you mean 'qwen'?` for the shipped name nearest to `value` (a name or a path's stem), else ''."""
+    key = PurePath(value.replace("\\", "/")).stem.lower()
+    near = difflib.get_close_matches(key, NAMES, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def unknown(value: str, recipes_dir) -> str | None:
+    """Why `model.chat_template = value` names no template: neither a shipped name nor a path under `recipes_dir`,
+    in one line listing the shipped names and suggesting the nearest (`qwen2` -> `qwen`). None when it names one
+    (whether that path is a usable file is the recipe validation's business)."""
+    if value in NAMES or (Path(recipes_dir) / value).exists():
+        return None
+    return (f"unknown chat template {value!r}: not a shipped one ({', '.join(NAMES)}) nor a file under "
+            f"recipes/{_nearest(value)}")
+
+
 def name_of(value: str) -> str | None:
     """The short name of a template given by short name or by a path ending in `templates/<name>.jinja`; else None."""
     if value in NAMES:
@@ -81,7 +100,7 @@ def end_of_turn(name: str, eos_token: str = "</s>") -> str:
     return `eos_token`, `</s>` (the Llama and Mistral tokenizers') unless given."""
     key = name_of(name)
     if key is None:
-        raise ValueError(f"unknown chat template {name!r} (known: {', '.join(NAMES)})")
+        raise ValueError(f"unknown chat template {name!r} (known: {', '.join(NAMES)}){_nearest(name)}")
     marker = _END_OF_TURN[key]
     return eos_token if marker is None else marker
 

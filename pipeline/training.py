@@ -244,6 +244,21 @@ def mean_loss(rows: list[dict], steps: int, fallback: float) -> float:
     return round(total / steps, 6)
 
 
+def _logs_to_stderr(trainer) -> None:
+    """The trainer's per-step log dicts go to stderr (the task's log file; the terminal with TUNEBUILD_VERBOSE),
+    not stdout, which is for the stage's own few lines. The progress bar stays where tqdm puts it."""
+    import sys
+
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, (ProgressCallback, PrinterCallback)):
+            def on_log(args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    print(logs, file=sys.stderr, flush=True)
+            cb.on_log = on_log
+
+
 def fit(trainer, scratch: Path | None, where: str) -> tuple[object, int | None, list[dict]]:
     """Train, resuming from the last checkpoint of an interrupted run with the same run-cache key (passed
     explicitly: transformers ignores TrainingArguments.resume_from_checkpoint). Returns (train result, the step
@@ -254,6 +269,7 @@ def fit(trainer, scratch: Path | None, where: str) -> tuple[object, int | None, 
     if checkpoint:
         print(f"{where}: resuming from {checkpoint.name} of an interrupted run", flush=True)
     trainer.add_callback(log_at_checkpoints_and_end())
+    _logs_to_stderr(trainer)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     rows = []
     for logs in trainer.state.log_history:
@@ -261,6 +277,11 @@ def fit(trainer, scratch: Path | None, where: str) -> tuple[object, int | None, 
             row = {"step": logs["step"], "epoch": round(logs.get("epoch") or 0.0, 4)}
             row.update({k: round(float(logs[k]), 6) for k in LOG_KEYS if k in logs})
             rows.append(row)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    print(f"{where}: {trainer.state.global_step} steps" + (f", loss {losses[0]:.4f} → {losses[-1]:.4f}"
+                                                           if losses else "") +
+          f", {result.metrics.get('train_runtime', 0):.1f} s" + (f" (resumed at step {resumed})" if resumed else ""),
+          flush=True)
     return result, resumed, rows
 
 

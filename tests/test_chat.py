@@ -266,4 +266,44 @@ def test_doit_chat_demo_builds_what_is_missing_then_serves(tmp_path):
             out, _ = proc.communicate()
     assert f"tunebuild chat: demo: {', '.join(models)} on http://127.0.0.1:{port}/ (Ctrl-C stops)" in out, out
     assert ".  chat:demo" in out and f".  {models[final].task}" in out, out   # it built the model first
-    assert proc.returncode == 0, out   # Ctrl-C stops the app cleanly
+    assert proc.returncode == 130 and "chat:demo: chat stopped" in out and "Traceback" not in out, out   # Ctrl-C
+
+
+@pytest.fixture(scope="module")
+def base_only_project(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("chat"), recipes=())
+    (project / "recipes" / "only.toml").write_text(BASE_ONLY)
+    run_doit(project, "builtin:tiny")
+    return project
+
+
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_ctrl_c_stops_doit_chat_in_one_line(base_only_project, when):
+    """Ctrl-C while the app starts (Gradio loading, the models preloading) or while it serves: one line, exit 130."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "GRADIO_SERVER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "chat:only"], cwd=base_only_project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    seen = []
+    try:
+        mark = ".  chat:only" if when == "starting" else "(Ctrl-C stops)"
+        while not seen or mark not in seen[-1]:
+            seen.append(proc.stdout.readline())
+            assert seen[-1], f"doit chat exited ({proc.wait()}):\n{''.join(seen)}{proc.stderr.read()}"
+        if when == "starting":
+            time.sleep(1)   # in the task's action, importing Gradio (a few seconds)
+        else:
+            wait_for(f"http://127.0.0.1:{port}/", proc, timeout=120)
+            time.sleep(2)   # the base model preloaded meanwhile
+        os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    out = "".join(seen) + out
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err + out and "KeyboardInterrupt" not in err + out, err
+    assert [line for line in out.splitlines() if "stop" in line.lower() and "Ctrl-C stops" not in line] \
+        == ["chat:only: chat stopped"], out

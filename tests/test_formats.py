@@ -527,8 +527,9 @@ def test_read_errors(tmp_path):
 
 
 def test_constants():
-    assert FORMATS == ("alpaca", "sharegpt", "dolly", "messages", "preference", "sharegpt_ranking", "orca_dpo")
-    assert PREFERENCE_FORMATS == ("preference", "sharegpt_ranking", "orca_dpo")
+    assert FORMATS == ("alpaca", "sharegpt", "dolly", "messages", "preference", "alpaca_ranking", "sharegpt_ranking",
+                       "orca_dpo")
+    assert PREFERENCE_FORMATS == ("preference", "alpaca_ranking", "sharegpt_ranking", "orca_dpo")
     assert issubclass(FormatError, Exception) and issubclass(RowError, Exception)
 
 

@@ -129,8 +129,8 @@ def test_a_hub_source_offline_fails_in_one_line(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     _, _, out, rc = run_doit(project, "import:hub.alpaca", env=env, check=False)
     assert rc != 0 and "Traceback" not in out, out
-    assert ("import:hub.alpaca: hub.toml: data.alpaca.source: hub dataset 'vicgalle/alpaca-gpt4' (split 'train') "
-            "cannot be loaded: not in the local cache and HF_HUB_OFFLINE is set") in out, out
+    assert ("import:hub.alpaca: cannot run here: hub.toml: data.alpaca.source: hub dataset "
+            "'vicgalle/alpaca-gpt4' (split 'train') cannot be loaded: not in the local cache and HF_HUB_OFFLINE is set") in out, out
 
 
 def test_recipe_errors_name_the_data_key(tmp_path):

@@ -76,10 +76,22 @@ def edit(path, old, new):
 
 def test_eval_builds_every_recipe_and_names_what_mini_lima_lacks(project):
     executed, out, rc = doit(project, "eval", check=False)
-    assert rc != 0  # mini_lima cannot be built offline ...
-    assert "generate:mini_lima.self_instruct: environment variable OPENAI_API_KEY is not set" in out
-    assert "evaluate:mini_lima.base.tb_basic: model 'Qwen/Qwen1.5-0.5B' is not a local folder" in out
+    # mini_lima cannot be built offline: said in one line (whichever of its tasks finds it first), and that is
+    # no failure of `doit eval` over every recipe ...
+    assert rc == 0, out
+    lacks = [line for line in out.splitlines() if "mini_lima" in line and "cannot run here: " in line]
+    assert len(lacks) == 1 and ("environment variable OPENAI_API_KEY is not set" in lacks[0]
+                                or "model 'Qwen/Qwen1.5-0.5B' is not" in lacks[0]), out
+    assert "Traceback" not in out and "TaskFailed" not in out, out
     assert STAGES_T <= executed, out  # ... and the other recipe still completes
+    table = out[out.index("recipe "):].splitlines()
+    assert re.match(r"mini_lima +cannot run here +(environment variable OPENAI_API_KEY|model 'Qwen)", table[1]), out
+    assert re.match(r"t +built +base → sft: ", table[2]), out
+    # an up-to-date report prints the same headline, its comparisons and the report's path
+    _, again, rc = doit(project, "report:t")
+    assert re.search(r"^t: base → sft: .*\n(  .*\n)+report: artifacts/report/t/comparison\.md$", again, re.M), again
+    headline = (project / "artifacts/report/t/summary.txt").read_text().splitlines()[0]
+    assert headline == "t: " + table[2].split(None, 2)[2] and headline in again
     assert (project / "artifacts/report/t/comparison.md").exists()
     con = duckdb.connect(str(project / "artifacts/scores.duckdb"), read_only=True)
     rows = con.execute("SELECT model, suite, task, metric, value, n, model_digest, dataset_digest, "

@@ -175,6 +175,31 @@ def test_resolve_short_names_and_paths():
     assert templates.resolve("LLAMA3") == "LLAMA3"
 
 
+def test_an_unknown_template_name_says_the_shipped_names_and_the_nearest():
+    for value, nearest in [("qwen2", "qwen"), ("Llama3", "llama3"), ("llama-3", "llama3"), ("chat-ml", "chatml"),
+                           ("templates/gemma2.jinja", "gemma")]:
+        message = templates.unknown(value, RECIPES)
+        assert message == (f"unknown chat template {value!r}: not a shipped one (default, qwen, chatml, llama3, "
+                           f"llama2, mistral, gemma, alpaca) nor a file under recipes/; did you mean {nearest!r}?")
+    assert templates.unknown("zzz", RECIPES).endswith("nor a file under recipes/")   # nothing near: no guess
+    for value in ("qwen", "templates/qwen.jinja", "templates/default.jinja"):   # a name, a file: none to say
+        assert templates.unknown(value, RECIPES) is None
+    with pytest.raises(ValueError, match="did you mean 'gemma'"):
+        templates.end_of_turn("gemma2")
+
+
+def test_doit_list_names_the_shipped_templates_for_an_unknown_one(tmp_path):
+    from conftest import copy_project, run_doit
+
+    project = copy_project(tmp_path, recipes=())
+    (project / "recipes" / "only.toml").write_text('[model]\nbase = "builtin:tiny"\nchat_template = "qwen2"\n')
+    _, _, out, rc = run_doit(project, "list", check=False)
+    assert rc != 0 and "Traceback" not in out
+    assert f"tunebuild: {project / 'recipes' / 'only.toml'}: model.chat_template: unknown chat template 'qwen2': " \
+           f"not a shipped one (default, qwen, chatml, llama3, llama2, mistral, gemma, alpaca) nor a file under " \
+           f"recipes/; did you mean 'qwen'?" in out.splitlines(), out
+
+
 def test_end_of_turn():
     assert templates.end_of_turn("chatml") == "<|im_end|>"
     assert templates.end_of_turn("qwen") == "<|im_end|>"

@@ -15,7 +15,9 @@ Contract: reads `[eval.judge] instructions` (examples only) and, through `plan.m
 training stages and `[eval.models]`; consumes those models (the manifests of the artifact folders among them are
 the task's `file_dep`, so doit builds what is missing first) and, without judge instructions, the recipe's
 datasets (`heldout.jsonl`); writes nothing: one raw doit task `chat:<recipe>` per recipe, never up to date, not
-part of `doit build:<recipe>` (`in_build=False`). `run(...)` is that task's action and serves until Ctrl-C;
+part of `doit build:<recipe>` (`in_build=False`). `run(...)` is that task's action and serves until Ctrl-C, which
+(at any moment: loading Gradio, starting, serving) closes the server, prints `chat:<recipe>: chat stopped` and
+exits 130 (128 + SIGINT, as a shell reports an interrupted command);
 Gradio is the optional extra `demo` (`pip install -e '.[demo]'`), and without it the task fails with one line
 saying so. `build_app` and `serve` make the app without doit (the tests use them); its named API endpoints are
 `/chat` (message, history, model, system prompt, temperature, top-p, max new tokens → history) and
@@ -39,6 +41,7 @@ STAGE = Stage(name="chat", version=1, phase="report", in_build=False, cache=Fals
 INSTALL = "pip install -e '.[demo]'"
 MAX_EXAMPLES = 8
 DEFAULT_MAX_NEW_TOKENS = 256
+INTERRUPTED = 130   # the exit status after Ctrl-C: 128 + SIGINT
 
 
 def tasks(plan):
@@ -57,18 +60,28 @@ def tasks(plan):
 
 def run(*, recipe: str, models: dict[str, str], default: str | None = None, instructions: str | None = None,
         datasets: list[str] = ()):
-    """The `chat:<recipe>` action: serve the app until Ctrl-C."""
+    """The `chat:<recipe>` action: serve the app until Ctrl-C, then exit 130 (SystemExit passes through doit's
+    runner, which still saves the state of what it built first)."""
     from doit.exceptions import TaskFailed
 
     try:
         _gradio()
     except ImportError:
         return TaskFailed(f"chat:{recipe}: the chat app needs Gradio: {INSTALL}")
+    except KeyboardInterrupt:
+        _stopped(recipe)
     try:
         serve(models, example_prompts(instructions, datasets), default=default, title=f"tunebuild chat: {recipe}")
     except TunebuildError as e:
         return TaskFailed(f"chat:{recipe}: {e}")
+    except KeyboardInterrupt:
+        _stopped(recipe)
     return None
+
+
+def _stopped(recipe: str):
+    print(f"chat:{recipe}: chat stopped", flush=True)
+    raise SystemExit(INTERRUPTED) from None
 
 
 # -- example prompts ------------------------------------------------------------------------------------------
@@ -410,17 +423,22 @@ def serve(models: dict[str, str], examples: list[str] = (), *, default: str | No
           block: bool = True, preload: bool = True):
     """Launch the app on `server_name` (else GRADIO_SERVER_NAME, else 127.0.0.1) and `server_port` (else Gradio's
     choice: GRADIO_SERVER_PORT, else 7860 or the next free port); never shared. With block=True serve until
-    Ctrl-C, else return the running app (stop it with `app.close()`). With preload, the models the page starts
-    with (base and `default`) load in the background once the app is up."""
+    Ctrl-C (the server is closed, then KeyboardInterrupt raised), else return the running app (stop it with
+    `app.close()`). With preload, the models the page starts with (base and `default`) load in the background
+    once the app is up."""
     gr = _gradio()
     app = build_app(models, examples, default=default, title=title)
-    app.queue(default_concurrency_limit=4)
-    app.launch(share=False, server_name=server_name or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-               server_port=server_port, prevent_thread_lock=True, inbrowser=False, quiet=True, show_error=True,
-               ssr_mode=False, mcp_server=False, pwa=False, theme=_theme(gr))
-    print(f"{title}: {', '.join(models)} on {app.local_url} (Ctrl-C stops)", flush=True)
-    if preload:
-        app.tunebuild_models.preload(app.tunebuild_defaults)
-    if block:
-        app.block_thread()   # until Ctrl-C, then closes the server
+    try:
+        app.queue(default_concurrency_limit=4)
+        app.launch(share=False, server_name=server_name or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   server_port=server_port, prevent_thread_lock=True, inbrowser=False, quiet=True, show_error=True,
+                   ssr_mode=False, mcp_server=False, pwa=False, theme=_theme(gr))
+        print(f"{title}: {', '.join(models)} on {app.local_url} (Ctrl-C stops)", flush=True)
+        if preload:
+            app.tunebuild_models.preload(app.tunebuild_defaults)
+        if block:
+            threading.Event().wait()   # until Ctrl-C (not Gradio's block_thread: it swallows it, with its own line)
+    except KeyboardInterrupt:
+        app.close(verbose=False)
+        raise
     return app

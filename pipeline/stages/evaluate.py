@@ -187,11 +187,12 @@ def _dataset_paths(cfg: dict, origin: dict, prefix: str, path: Path, folder: Pat
     return out
 
 
-def check_suite_paths(folder: Path, recipes_dir: Path | None = None) -> list[tuple[Path, dict, list]]:
+def check_suite_paths(folder: Path, recipes_dir: Path | None = None) -> list[tuple[Path, dict, list, dict]]:
     """Every path a local suite's task YAML names stays inside `recipes_dir` (default: the `recipes` folder the
     suite lies in): each YAML itself, its `include`s (relative to its folder), a local `dataset_path` and the
     `dataset_kwargs` `data_dir` and `data_files` (relative to the suite folder, where lm-eval runs). Each problem
-    is one line naming the YAML file and the key. Returns (YAML, its merged config, its data files) per task YAML."""
+    is one line naming the YAML file and the key. Returns (YAML, its merged config, its data files, key -> the file
+    that sets it) per task YAML."""
     folder = Path(folder)
     recipes_dir = Path(recipes_dir) if recipes_dir is not None else _recipes_dir_of(folder)
     loader = _yaml_loader()
@@ -205,7 +206,7 @@ def check_suite_paths(folder: Path, recipes_dir: Path | None = None) -> list[tup
             continue
         files = [f for cfg, orig, prefix in _task_configs(doc, origin, path)
                  for f in _dataset_paths(cfg, orig, prefix, path, folder, recipes_dir)]
-        out.append((path, doc, files))
+        out.append((path, doc, files, origin))
     return out
 
 
@@ -227,16 +228,57 @@ def check_suite_paths_once(folder: Path, recipes_dir: Path) -> None:
 
 def check_local_suite(folder: Path, recipes_dir: Path | None = None) -> None:
     """Before lm-eval runs: every task YAML under `folder` parses, names only paths inside recipes/
-    (`check_suite_paths`) and data files that exist, whose JSON Lines parse and hold the fields `doc_to_target`
-    reads. Each problem is one line naming the file (and line)."""
-    for path, doc, files in check_suite_paths(folder, recipes_dir):
+    (`check_suite_paths`) and data files that exist, whose JSON Lines parse, whose first row renders the
+    templates (`check_templates`) and whose rows hold the fields `doc_to_target` reads. Each problem is one line
+    naming the file (and line)."""
+    for path, doc, files, origin in check_suite_paths(folder, recipes_dir):
         target = doc.get("doc_to_target")
         fields = re.findall(r"{{\s*([A-Za-z_]\w*)\s*}}", target) if isinstance(target, str) else []
         for where, rel, data, base in files:
             if not data.is_file():
                 raise TunebuildError(f"{where}: data file '{rel}' does not exist (data_files are relative to {base})")
-            if data.suffix in (".jsonl", ".json"):
-                _check_jsonl(data, fields, path.name)
+        data = [d for _, _, d, _ in files if d.suffix in (".jsonl", ".json", ".csv", ".parquet")]
+        if data:
+            check_templates(path, doc, origin, data[0])
+        for d in data:
+            if d.suffix in (".jsonl", ".json"):
+                _check_jsonl(d, fields, path.name)
+
+
+TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
+
+
+def check_templates(path: Path, doc: dict, origin: dict, data: Path) -> None:
+    """Render the task's doc_to_text / doc_to_target / doc_to_choice on the first row of `data` as lm-eval does
+    (Jinja with StrictUndefined; a value naming a column is that column), so a typo such as {{questoin}} is one
+    line naming the YAML file, the key and the unknown name. Skipped when `process_docs` reshapes the rows."""
+    import jinja2
+
+    from pipeline.formats import read_rows
+
+    if "process_docs" in doc:
+        return
+    first = next(iter(read_rows(data)), None)
+    if first is None:
+        return
+    _, row = first
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["regex_replace"] = lambda text, pattern, repl, count=0: re.sub(pattern, repl, text, count=count)
+    for key in TEMPLATE_KEYS:
+        value = doc.get(key)
+        if not isinstance(value, str) or value in row:
+            continue
+        where = f"{origin.get(key, path)}: {key}"
+        try:
+            env.from_string(value).render(**row)
+        except jinja2.UndefinedError as e:
+            raise TunebuildError(f"{where}: {e.message} in {value!r} (the rows of {data.name} have: "
+                                 f"{', '.join(map(str, row))})") from None
+        except jinja2.TemplateSyntaxError as e:
+            raise TunebuildError(f"{where}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+        except Exception as e:
+            raise TunebuildError(f"{where}: cannot be rendered on {data.name}:1 ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _check_jsonl(data: Path, fields: list[str], task_file: str) -> None:

@@ -1,14 +1,18 @@
 """Stage `report`: the comparisons of one recipe (base → each trained model → extras), read from
 `artifacts/scores.duckdb`.
 
-Writes `comparison.md` (and prints it): per suite and metric the before/after summary the anchor projects
+Writes `comparison.md`: per suite and metric the before/after summary the anchor projects
 tabulate by hand (average before, after, average / max / min improvement over subjects), per-subject and
 per-category tables (micro and macro averages, labelled) with paired bootstrap CIs and p-values, and the plain
-table of every metric. Plots: `subjects-<suite>-<metric>.png`, the per-subject improvement with its CI.
+table of every metric. Plots: `subjects-<model_a>-vs-<model_b>-<suite>-<metric>.png`, the per-subject
+improvement with its CI.
 Every table says better / worse only where the paired CI excludes 0 (by the metric's direction), else "CI
 contains 0"; a metric without per-document scores has "no paired test". The LLM judge's rates are over the judged
 instructions (n), no verdict is its own outcome (its own bar), a no-verdict rate above
 `eval.judge.max_no_verdict_rate` and empty answers are called out. Training curves come in training order.
+`summary.txt` holds what the build ends with (the task's `summary`): a headline line (the final model against
+its start of training, a few deltas), then one line per suite and metric of that comparison with its paired CI and
+verdict, the judge's outcome, the warnings, and the report's path. `TUNEBUILD_VERBOSE=1` prints the whole report.
 
 Contract: reads `eval.judge.max_no_verdict_rate` and the recipe's training order; consumes the recipe's `scores`
 and the judge's `answers`; writes `artifacts/report/<recipe>/`.
@@ -20,7 +24,7 @@ from pathlib import Path
 from pipeline.stage import Stage
 from pipeline.store import file_lock
 
-STAGE = Stage(name="report", version=3, phase="report", cache=False,
+STAGE = Stage(name="report", version=4, phase="report", cache=False,
               doc="Print and write a recipe's comparisons (base → trained models → extra models).")
 
 
@@ -30,10 +34,11 @@ def tasks(plan):
     answers = {p.name: p.out for p in plan.products("answers")}
     config = {"stages": train_order(plan.recipe.config),
               "max_no_verdict_rate": plan.section("eval")["judge"]["max_no_verdict_rate"]}
+    out = Path("artifacts") / "report" / plan.name
     for p in plan.products("scores"):
-        yield plan.task(STAGE, plan.name, Path("artifacts") / "report" / plan.name,
-                        inputs={"scores": p.out, "answers": answers}, params={"recipe": plan.name},
-                        unkeyed={"db": plan.db}, config=config, doc=f"comparison tables for {plan.name}")
+        yield plan.task(STAGE, plan.name, out, inputs={"scores": p.out, "answers": answers},
+                        params={"recipe": plan.name}, unkeyed={"db": plan.db}, config=config,
+                        meta={"summary": str(out / "summary.txt")}, doc=f"comparison tables for {plan.name}")
 
 
 def _fmt(x) -> str:
@@ -104,6 +109,8 @@ def render(recipe: str, rows: list[tuple], tests: dict[tuple, dict] | None = Non
             if n is None:
                 n = test["n"] if test else "—"
             ci = f"[{test['ci_low']:+.4f}, {test['ci_high']:+.4f}]" if test else ""
+            if test and delta is not None and abs(test["delta"] - delta) > 5e-5:  # e.g. a token-weighted loss
+                ci += f" (of the per-document delta {test['delta']:+.4f})"
             lines.append(f"| {suite} | {task} | {metric} | {n} | {_fmt(a)} | {_fmt(b)} | {_fmt(delta)} | {ci} | "
                          f"{verdict(delta, hib, same, test)} |")
         lines.append("")
@@ -331,5 +338,59 @@ def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, answers: dict | N
         text += "\n## Paired comparisons (same documents)\n\n" + render_paired(pair, out_dir,
                                                                             directions(Path(db), recipe))
     (out_dir / "comparison.md").write_text(text, encoding="utf-8")
-    print("\n" + text, flush=True)
+    lines = summary(recipe, pair, table(Path(db), recipe), config.get("stages") or [])
+    lines += [line for line in text.splitlines() if line.startswith("> **Warning**")]
+    lines.append(f"report: {out_dir.parent / recipe / 'comparison.md'}")
+    (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from pipeline.console import verbose
+
+    if verbose():
+        print("\n" + text, flush=True)
     return {}
+
+
+SUMMARY_LINES = 8
+
+
+def _headline_pair(pairs: list[tuple[str, str]], stages: list[str]) -> tuple[str, str] | None:
+    """The comparison a summary leads with: base → the final model where the recipe compares them, else the
+    first pair it compares."""
+    final = stages[-1] if stages else None
+    if ("base", final) in pairs:
+        return ("base", final)
+    return pairs[0] if pairs else None
+
+
+def summary(recipe: str, paired_rows: list[dict], plain: list[tuple], stages: list[str]) -> list[str]:
+    """The build's closing lines for a recipe: first a one-line headline, then a line per suite and metric of the
+    headline comparison (the paired overall, micro average, where there is one; else the plain row)."""
+    pairs = list(dict.fromkeys([(r["model_a"], r["model_b"]) for r in paired_rows] + [(r[0], r[1]) for r in plain]))
+    pair = _headline_pair(pairs, stages)
+    if pair is None:
+        return [f"{recipe}: nothing compared"]
+    entries = []   # (suite, metric, a, b, delta, ci, verdict)
+    seen = set()
+    for r in paired_rows:
+        if (r["model_a"], r["model_b"]) == pair and r["level"] == "overall" and r["average"] == "micro":
+            name = (r["suite"], r["metric"] + ("" if r["filter"] in ("none", "") else f" ({r['filter']})"))
+            if name not in seen:
+                seen.add(name)
+                hib = next((x[10] for x in plain if (x[0], x[1], x[2], x[4]) == (*pair, r["suite"], r["metric"])),
+                           None)
+                entries.append((*name, r["a"], r["b"], r["delta"], (r["ci_low"], r["ci_high"]),
+                                verdict(r["delta"], hib, True, r)))
+    for a_name, b_name, suite, task, metric, filt, n, a, b, delta, hib, same in plain:
+        name = (suite, metric + ("" if filt in ("none", "") else f" ({filt})"))
+        if (a_name, b_name) == pair and name not in seen and suite == task:  # a suite's own row: its headline
+            seen.add(name)
+            entries.append((*name, a, b, delta, None, verdict(delta, hib, same, None)))
+    entries.sort(key=lambda e: (e[0] == "judge", e[0], e[1]))
+    short = "; ".join(f"{s} {m} {d:+.4f} ({v})" for s, m, a, b, d, ci, v in entries[:3] if d is not None)
+    lines = [f"{recipe}: {pair[0]} → {pair[1]}: " + (short or "no metric in common")]
+    for s_, m, a, b, d, ci, v in entries[:SUMMARY_LINES]:
+        ci_text = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+        lines.append(f"  {s_} {m}: {_fmt(a)} → {_fmt(b)}, {'' if d is None else f'{d:+.4f}'}{ci_text}"
+                     + (f" {v}" if v else ""))
+    if len(entries) > SUMMARY_LINES:
+        lines.append(f"  ... {len(entries) - SUMMARY_LINES} more in the report")
+    return lines

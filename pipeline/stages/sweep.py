@@ -45,7 +45,7 @@ def tasks(plan):
                         params={"sweep": name, "variants": rows, "baseline": info["baseline"],
                                 "sort_by": info.get("sort_by"), "descending": info.get("descending", True)},
                         unkeyed={"db": plan.db}, provides=("sweep_report", name, {"group": name}),
-                        doc=f"the results table of the sweep {name} ({len(rows)} variants)")
+                        meta={"recipe": name}, doc=f"the results table of the sweep {name} ({len(rows)} variants)")
 
 
 def _outcomes(folder: Path | None) -> tuple[dict[str, float], int]:
