@@ -353,8 +353,8 @@ def test_a_hub_revision_is_keyed_recorded_and_watched(tmp_path):
     (project / "recipes/h.toml").write_text(HUB.replace('revision = "v1"', 'revision = "v2"'))
     executed, _, out, code = run_doit(project, "sft:h.sft", env=env, check=False)
     assert code != 0
-    line = "sft:h.sft: cannot run here: model 'org/tiny' at revision 'v2' is not a local folder and not in the Hugging Face cache, " \
-           "and HF_HUB_OFFLINE is set"
+    line = "sft:h.sft: cannot run here: model 'org/tiny' at revision 'v2' is not a local folder and not in the " \
+           "Hugging Face cache, and HF_HUB_OFFLINE is set"
     assert line in out.splitlines(), out
 
 
