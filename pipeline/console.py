@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -173,9 +174,16 @@ class Reporter(ConsoleReporter):
         return "\n".join(out) + "\n"
 
 
+INTERRUPTED = 130   # the exit status after Ctrl-C: 128 + SIGINT, as a shell reports an interrupted command
+INTERRUPTED_LINE = ("tunebuild: interrupted (Ctrl-C): every finished task is kept, the one running left nothing that "
+                    "looks finished; run the same command again to go on (a training with save_steps resumes from "
+                    "its last checkpoint)\n")
+
+
 def _run_command():
     """doit's `run` command, with the exit code of a build over every recipe: 0 when the only failures are
-    tasks this machine cannot run (each said in one line, and `cannot run here` in the closing table)."""
+    tasks this machine cannot run (each said in one line, and `cannot run here` in the closing table); and
+    Ctrl-C ends it with one line and exit status 130, not a traceback."""
     from doit.cmd_run import Run as DoitRun
 
     class Run(DoitRun):
@@ -183,8 +191,13 @@ def _run_command():
         def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console",
                      num_process=0, par_type="process", single=False, auto_delayed_regex=False,
                      force_verbosity=False, failure_verbosity=0, pdb=False):
-            code = super()._execute(outfile, verbosity, always, continue_, reporter, num_process, par_type, single,
-                                    auto_delayed_regex, force_verbosity, failure_verbosity, pdb)
+            try:
+                code = super()._execute(outfile, verbosity, always, continue_, reporter, num_process, par_type,
+                                        single, auto_delayed_regex, force_verbosity, failure_verbosity, pdb)
+            except KeyboardInterrupt:  # doit saved its state and printed the summary on the way out
+                sys.stderr.write(INTERRUPTED_LINE)
+                sys.stderr.flush()
+                return INTERRUPTED
             everything = not self.sel_tasks or all(t in ("build", "eval") for t in self.sel_tasks)
             if code and everything and LAST.get("cannot") and not LAST.get("failed"):
                 return 0

@@ -75,3 +75,29 @@ def test_killed_generation_resumes_without_repeating_requests(tmp_path):
         (b / "artifacts/t/generate/self_instruct/instructions.jsonl").read_bytes()
     report = json.loads((a / "artifacts/t/generate/self_instruct/report.json").read_text())
     assert report["usage"]["requests"] > 0 and report["usage"]["cost"] > 0
+
+
+def test_ctrl_c_ends_the_build_in_one_line_and_the_rerun_goes_on(tmp_path):
+    """Ctrl-C on a terminal (SIGINT to the whole foreground process group) mid-build: no traceback, one line,
+    exit status 130, nothing unfinished looks finished; the same command again finishes the build."""
+    with FakeOpenAI(latency=0.15) as server:
+        a = copy_project(tmp_path)
+        (a / "recipes/t.toml").write_text(RECIPE.format(url=server.url))
+        proc = subprocess.Popen([sys.executable, "-m", "doit", "generate:t.self_instruct"], cwd=a,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), **ENV},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(ledger_prompts(a)) < 4 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the generation ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, (proc.returncode, out, err)
+        assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, out + err
+        assert "tunebuild: interrupted (Ctrl-C)" in err
+        assert not (a / "artifacts/t/generate/self_instruct/manifest.json").exists()
+        recorded = len(ledger_prompts(a))
+        assert recorded >= 4
+        executed, _, out, _ = run_doit(a, "generate:t.self_instruct", env=ENV)
+        assert "generate:t.self_instruct" in executed
+        assert (a / "artifacts/t/generate/self_instruct/manifest.json").exists()
