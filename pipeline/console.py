@@ -56,6 +56,7 @@ class Reporter(ConsoleReporter):
         self.failed: list[str] = []
         self.unmet: list[str] = []
         self.cannot: list[str] = []
+        self.lacking: set[str] = set()       # tasks that cannot run here, or wait on one that cannot
         self.recipes: dict[str, dict] = {}   # recipe -> {"executed", "uptodate", "failed", "unmet": n, "why": ...}
         self.summaries: dict[str, str] = {}  # recipe -> its summary file
         LAST.clear()
@@ -66,7 +67,7 @@ class Reporter(ConsoleReporter):
         if recipe is None:
             return None
         entry = self.recipes.setdefault(recipe, {"executed": 0, "uptodate": 0, "failed": 0, "unmet": 0,
-                                                  "cannot": 0, "why": None})
+                                                  "unmet_lacking": 0, "cannot": 0, "why": None})
         entry[what] += 1
         summary = (task.meta or {}).get("summary")
         if summary and what in ("executed", "uptodate"):
@@ -88,10 +89,17 @@ class Reporter(ConsoleReporter):
     def add_failure(self, task, fail):
         if fail.get_name() == "UnmetDependency":  # one short line, not a block per downstream task
             self.unmet.append(task.name)
-            self._count(task, "unmet")
+            entry = self._count(task, "unmet")
+            # doit names the inputs that did not run; when each of them could not run here (or waited on one
+            # that could not), neither can this task
+            if all(name in self.lacking for name in fail.message.split()):
+                self.lacking.add(task.name)
+                if entry is not None:
+                    entry["unmet_lacking"] += 1
             return
         if fail.get_name() == "CannotRunHere":  # one line per recipe: the first thing it lacks
             self.cannot.append(task.name)
+            self.lacking.add(task.name)
             entry = self._count(task, "cannot")
             message = fail.message.strip()
             if entry is None or entry["why"] is None:
@@ -149,7 +157,7 @@ class Reporter(ConsoleReporter):
             if e["cannot"]:
                 return "cannot run here"
             if e["unmet"]:
-                return "not run: an input failed"
+                return "cannot run here" if e["unmet_lacking"] == e["unmet"] else "not run: an input failed"
             return "built" if e["executed"] else "up to date"
 
         touched = sorted(self.recipes)
@@ -165,7 +173,8 @@ class Reporter(ConsoleReporter):
             e = self.recipes[recipe]
             found = lines(recipe) if state(e) in ("built", "up to date") else []
             headline = found[0].split(": ", 1)[-1] if found else e.get("error") if e["failed"] \
-                else (e["why"] or "") if e["cannot"] else ""
+                else (e["why"] or "") if e["cannot"] else "an input cannot run here" if state(e) == "cannot run here" \
+                else ""
             rows.append((recipe, state(e), headline))
         width = max(len(r[0]) for r in rows)
         swidth = max(len(r[1]) for r in rows)

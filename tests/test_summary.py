@@ -8,7 +8,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""}
 
 
 def _project(tmp_path, bad: bool):
-    project = copy_project(tmp_path, recipes=("mini_lima.toml", "alpaca_lora.toml"))
+    project = copy_project(tmp_path, recipes=("mini_lima.toml", "alpaca_lora.toml", "mini_lima_sweep.toml"))
     if bad:  # a recipe whose data has a real fault: a row without its instruction
         (project / "recipes/data/broken.json").write_text('[{"instruction": "Say hi", "output": "hi"}, '
                                                           '{"input": "x", "output": "y"}]')
@@ -38,6 +38,8 @@ def test_recipes_that_cannot_run_here_are_one_line_each_and_no_failure(tmp_path)
     assert "cannot run here" in table["alpaca_lora"] and "alpaca-gpt4" in table["alpaca_lora"] or \
         "Meta-Llama-3-8B" in table["alpaca_lora"], out
     assert re.search(r"\d+ cannot run here", out), out
+    # a sweep whose variants cannot run here: its table is not run, for the same reason, not for a failure
+    assert re.match(r"mini_lima_sweep +cannot run here +an input cannot run here$", table["mini_lima_sweep"]), out
     # named explicitly, a recipe that cannot run here is the failure of what was asked for
     _, _, out, rc = run_doit(project, "build:alpaca_lora", env=ENV, check=False)
     assert rc != 0 and "cannot run here: " in out and "Traceback" not in out, out
@@ -51,3 +53,4 @@ def test_a_real_failure_still_fails_the_build_over_every_recipe(tmp_path):
     assert "Traceback" not in out, out
     table = _table(out)
     assert re.match(r"broken +failed +import:broken\.alpaca_gpt4: 1 bad row", table["broken"]) and "cannot run here" in table["mini_lima"], out
+    assert re.match(r"mini_lima_sweep +cannot run here +an input cannot run here$", table["mini_lima_sweep"]), out
