@@ -1,7 +1,7 @@
 """tunebuild tasks. `doit build:<recipe>` builds a recipe end to end, `doit eval` scores every recipe's models.
 
-This file only declares tasks: recipes are loaded and validated by `pipeline.recipe`, the graph
-(`pipeline.graph`) walks each recipe through the stages of `pipeline/stages/` and hands doit one task creator per
+This file only declares tasks: recipes are loaded and validated by `pipeline.core.recipe.schema`, the graph
+(`pipeline.core.graph`) walks each recipe through the stages of `pipeline/stages/` and hands doit one task creator per
 stage (`task_generate`, `task_import`, `task_sft`, ...) plus `build` and `eval`. Nothing heavy (torch,
 transformers, ...) is imported until a task runs.
 """
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
-from pipeline.graph import DOIT_CONFIG, creators  # noqa: F401  (doit reads DOIT_CONFIG from here)
+from pipeline.core.graph import DOIT_CONFIG, creators  # noqa: F401  (doit reads DOIT_CONFIG from here)
 
 try:
     globals().update(creators(Path(__file__).resolve().parent))

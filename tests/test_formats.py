@@ -1,11 +1,11 @@
-"""pipeline.formats: reading files, recognising formats, converting rows to canonical records."""
+"""pipeline.data.formats: reading files, recognising formats, converting rows to canonical records."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.formats import (FORMATS, PREFERENCE_FORMATS, BadRow, FormatError, RowError, check_columns, detect,
+from pipeline.data.formats import (FORMATS, PREFERENCE_FORMATS, BadRow, FormatError, RowError, check_columns, detect,
                               read_rows, to_canonical)
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
@@ -537,7 +537,7 @@ def test_no_heavy_imports_at_module_top():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.formats; heavy = {'pyarrow', 'datasets', 'torch', 'numpy'} & set(sys.modules); "
+    code = ("import sys, pipeline.data.formats; heavy = {'pyarrow', 'datasets', 'torch', 'numpy'} & set(sys.modules); "
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()

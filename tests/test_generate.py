@@ -5,8 +5,8 @@ import pytest
 from openai_server import FakeOpenAI
 from pipeline.stages import generate
 from pipeline.errors import Unavailable
-from pipeline.llm import make_client
-from pipeline.recipe import load_recipes
+from pipeline.llm.client import make_client
+from pipeline.core.recipe.schema import load_recipes
 from conftest import ROOT
 
 

@@ -4,8 +4,8 @@ import ast
 import re
 
 from conftest import ROOT
-from pipeline.graph import discover_stages
-from pipeline.stage import PHASES, Stage
+from pipeline.core.graph import discover_stages
+from pipeline.core.stage import PHASES, Stage
 
 STAGES = ROOT / "pipeline" / "stages"
 
@@ -34,7 +34,7 @@ def test_no_stage_imports_another_stage():
 
 def test_graph_and_runner_name_no_stage():
     names = {s.name for s, _ in discover_stages()} | {s.task_basename for s, _ in discover_stages()}
-    for path in (ROOT / "pipeline/graph.py", ROOT / "pipeline/runner.py"):
+    for path in (ROOT / "pipeline/core/graph.py", ROOT / "pipeline/core/runner.py"):
         code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
         tree = ast.parse(code)
         strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
@@ -47,7 +47,7 @@ def test_stage_modules_are_light_to_import():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.graph as g; g.discover_stages(); "
+    code = ("import sys, pipeline.core.graph as g; g.discover_stages(); "
             "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'duckdb', 'datasets', 'trl', 'lm_eval') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -7,7 +7,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, copy_project, run_doit
-from pipeline import tiny, training
+from pipeline.finetuning import training
+from pipeline.models import tiny
 from pipeline.errors import TunebuildError
 
 
@@ -155,8 +156,8 @@ def _summary_without_resume(folder):
 def test_a_resumed_training_reports_the_loss_over_all_its_steps(tiny_model, tmp_path):
     import shutil
 
-    from pipeline.dataset import write_dataset
-    from pipeline.recipe import load_recipes
+    from pipeline.data.dataset import write_dataset
+    from pipeline.core.recipe.schema import load_recipes
     from pipeline.stages import sft
 
     data = tmp_path / "data"

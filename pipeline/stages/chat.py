@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
+from pipeline.core.stage import Stage
 
 STAGE = Stage(name="chat", version=1, phase="report", in_build=False, cache=False,
               doc="Serve a Gradio chat app for a recipe's models (base, trained, [eval.models]) on 127.0.0.1.")
@@ -179,7 +179,7 @@ def _libs():
                 import torch
                 from transformers import TextIteratorStreamer
 
-                from pipeline.hf import load_causal_lm
+                from pipeline.models.hf import load_causal_lm
 
                 _LIBS = (torch, TextIteratorStreamer, load_causal_lm)
     return _LIBS

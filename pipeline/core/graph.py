@@ -1,7 +1,7 @@
 """The task graph: recipes in, pydoit task dicts out. No heavy imports here (dodo.py loads this module).
 
 The graph knows no stage by name. It imports every module of `pipeline/stages/`, orders them by the phase each
-declares (`pipeline.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks each
+declares (`pipeline.core.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks each
 recipe through them: every stage's `tasks(plan)` declares its tasks and what they provide (a dataset, a model,
 an evaluation, ...); later stages find what they consume among the plan's products.
 
@@ -19,27 +19,27 @@ from pathlib import Path
 
 from doit.dependency import FileChangedChecker
 
-from pipeline.console import Reporter
-from pipeline.recipe import Recipe, RecipeError, load_recipes
-from pipeline.stage import EVAL_PHASES, PHASES, Product, Stage
+from pipeline.core.console import Reporter
+from pipeline.core.recipe.schema import Recipe, RecipeError, load_recipes
+from pipeline.core.stage import EVAL_PHASES, PHASES, Product, Stage
 
 ARTIFACTS = Path("artifacts")
 DB = ARTIFACTS / "scores.duckdb"
 LEDGER = ARTIFACTS / ".ledger.sqlite"
 MANIFEST = "manifest.json"
 _ARTIFACTS_PREFIX = str(ARTIFACTS) + "/"
-TASKS_CACHE = ARTIFACTS / ".tasks.json"   # data only: see pipeline.task_cache
+TASKS_CACHE = ARTIFACTS / ".tasks.json"   # data only: see pipeline.core.task_cache
 
 class DigestChecker(FileChangedChecker):
     """doit's file_dep check by content, like its md5 check: an unchanged modification time means an unchanged file,
     a changed size a changed one; otherwise the content digest decides. The digest is a sha256 from the digest
-    cache (`pipeline.store.file_digest`), remembered by size, mtime and inode: a large file whose time changed but
+    cache (`pipeline.core.store.file_digest`), remembered by size, mtime and inode: a large file whose time changed but
     whose bytes did not (touched, copied, restored from a CI cache) is read once, not on every no-op as with doit's
     md5 check (which keeps the old time for a task that stays up to date), and that read also serves the run-cache
     key of the task that uses it."""
 
     def check_modified(self, file_path, file_stat, state):
-        from pipeline.store import file_digest
+        from pipeline.core.store import file_digest
 
         timestamp, size, digest = state
         if file_stat.st_mtime == timestamp:
@@ -51,7 +51,7 @@ class DigestChecker(FileChangedChecker):
     def get_state(self, dep, current_state):
         import os
 
-        from pipeline.store import file_digest
+        from pipeline.core.store import file_digest
 
         timestamp = os.path.getmtime(dep)
         if current_state and current_state[0] == timestamp:
@@ -64,7 +64,7 @@ DOIT_CONFIG = {
     "dep_file": str(ARTIFACTS / ".doit.sqlite"),
     "continue": True,                     # one recipe that cannot be built does not stop the others
     "default_tasks": ["build"],
-    "reporter": Reporter,                 # one line per task and failure, then a summary (pipeline.console)
+    "reporter": Reporter,                 # one line per task and failure, then a summary (pipeline.core.console)
     "check_file_uptodate": DigestChecker,  # by content: a model folder's weights are hashed once per change
 }
 
@@ -75,7 +75,7 @@ class config_changed:
     `doit.tools.config_changed` (an md5 only) is still honoured.
 
     A task using hub models has them under `hub_models` ({argument: "<id>[@<revision>]"}); the check compares the
-    commit each resolves to in the local Hugging Face cache (`pipeline.hf.resolved_commit`), so a branch that
+    commit each resolves to in the local Hugging Face cache (`pipeline.models.hf.resolved_commit`), so a branch that
     moved there reruns the task. A commit the cache does not know (a fresh machine, a CI runner that restored
     artifacts/ only) counts as unchanged."""
 
@@ -91,7 +91,7 @@ class config_changed:
 
         if not self.config.get(self.HUB):
             return self.config
-        from pipeline.hf import hub_commits
+        from pipeline.models.hf import hub_commits
 
         hub = hub_commits(self.config[self.HUB])
         try:
@@ -128,7 +128,7 @@ class config_changed:
 
 
 def _clean(out: Path):
-    from pipeline.runner import remove_output
+    from pipeline.core.runner import remove_output
 
     return (remove_output, [str(out)])
 
@@ -157,7 +157,7 @@ class ModelSource:
 
     @property
     def location(self) -> str:
-        """The folder (relative to the project root), or `<hub id>[@<revision>]` (`pipeline.hf.split_ref`)."""
+        """The folder (relative to the project root), or `<hub id>[@<revision>]` (`pipeline.models.hf.split_ref`)."""
         if self.folder:
             return str(self.folder)
         return f"{self.external}@{self.revision}" if self.revision else self.external
@@ -243,7 +243,7 @@ class Plan:
 
     def model(self, ref: str, revision: str | None = None) -> ModelSource:
         """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds; a folder under
-        recipes/ (the recipe validated it: `pipeline.recipe._check_model_ref`) is a local model, counted by its files;
+        recipes/ (the recipe validated it: `pipeline.core.recipe.schema._check_model_ref`) is a local model, counted by its files;
         anything else a hub id, at `revision`."""
         if ref.startswith("builtin:"):
             self.project.builtin_refs.add(ref)
@@ -264,7 +264,7 @@ class Plan:
     def models(self) -> dict[str, ModelSource]:
         """The models a recipe evaluates, by role: `base`, each training stage's model by the stage's name (in
         training order), then the extra models of `[eval.models]` (`recipe:<name>` is that recipe's final model)."""
-        from pipeline.recipe import train_order
+        from pipeline.core.recipe.schema import train_order
 
         out = {"base": self.base_model()}
         trained = {p.name: p for p in self.products("model")}
@@ -282,7 +282,7 @@ class Plan:
 
     def final(self) -> str:
         """The role of the recipe's final model: its last training stage, or `base` when it trains nothing."""
-        from pipeline.recipe import train_order
+        from pipeline.core.recipe.schema import train_order
 
         order = train_order(self.recipe.config)
         return order[-1] if order else "base"
@@ -290,7 +290,7 @@ class Plan:
     def comparisons(self) -> list[tuple[str, str]]:
         """The pairs of models the recipe compares: each training stage with the model it started from (base →
         sft → dpo), then the final model with each `[eval.models]` model."""
-        from pipeline.recipe import train_order
+        from pipeline.core.recipe.schema import train_order
 
         train = self.recipe.config["train"]
         pairs = [(train[n]["from"], n) for n in train_order(self.recipe.config)]
@@ -357,7 +357,7 @@ class Plan:
 
 def _action(kwargs: dict):
     """The doit python-action running one stage (the runner imports the stage's heavy libraries only then)."""
-    from pipeline.runner import run_stage
+    from pipeline.core.runner import run_stage
 
     return (run_stage, [], kwargs)
 
@@ -488,7 +488,7 @@ def _fingerprint(root: Path) -> str:
     import os
 
     entries = []
-    for top in (root / "recipes", Path(__file__).parent, root / "dodo.py"):
+    for top in (root / "recipes", Path(__file__).parents[1], root / "dodo.py"):  # parents[1]: pipeline/
         if top.is_file():
             st = top.stat()
             entries.append((str(top), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
@@ -507,13 +507,13 @@ def creators(root: Path) -> dict:
     Validating 50 recipes and walking them through the stages takes longer than doit's own no-op check, so the
     resulting task list is kept in `artifacts/.tasks.json`, keyed by `_fingerprint` (every recipe file, every
     pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached. The file is data
-    only (`pipeline.task_cache`): a planted or corrupted one is ignored and rebuilt, never executed."""
+    only (`pipeline.core.task_cache`): a planted or corrupted one is ignored and rebuilt, never executed."""
     import os
     import sys
     import time
 
-    from pipeline import task_cache
-    from pipeline.store import hold_checkout
+    from pipeline.core import task_cache
+    from pipeline.core.store import hold_checkout
 
     root = Path(root)
     hold_checkout(root / ARTIFACTS, sys.argv[1:])

@@ -29,10 +29,10 @@ from doit.cmd_base import DoitCmdBase, check_tasks_exist
 from doit.dependency import DependencyStatus
 from doit.exceptions import InvalidCommand
 
-from pipeline.console import clock as _clock
-from pipeline.executor import LOGS, RUNS, RUNS_LOG
-from pipeline.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_changed
-from pipeline.store import config_diff, pid_alive
+from pipeline.core.console import clock as _clock
+from pipeline.core.executor import LOGS, RUNS, RUNS_LOG
+from pipeline.core.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_changed
+from pipeline.core.store import config_diff, pid_alive
 
 RUN, MAYBE = "will run", "may run"
 SIGPIPE_EXIT = 141   # 128 + SIGPIPE: what a command killed by a closed pipe exits with
@@ -289,7 +289,7 @@ class Gc(DoitCmdBase):
     execute = _quiet_pipe(DoitCmdBase.execute)
 
     def _execute(self, yes=False):
-        from pipeline.runner import CACHE, SCRATCH, stage_key
+        from pipeline.core.runner import CACHE, SCRATCH, stage_key
 
         try:
             keep = {Path(t).parent.resolve() for task in self.task_list for t in task.targets
@@ -342,7 +342,7 @@ class Gc(DoitCmdBase):
             return {}
         import duckdb
 
-        from pipeline.store import file_lock
+        from pipeline.core.store import file_lock
 
         out: dict[str, dict[str, int]] = {}
         with file_lock(DB):
@@ -376,7 +376,7 @@ class Gc(DoitCmdBase):
             return
         import duckdb
 
-        from pipeline.store import file_lock
+        from pipeline.core.store import file_lock
 
         with file_lock(DB):
             con = duckdb.connect(str(DB))

@@ -33,7 +33,7 @@ def start_model(plan, t: dict):
 
 def mixture(recipe, t: dict, kind: str) -> list[dict]:
     """`data` as [{name, limit, weight}]; when empty, every dataset of the recipe whose format is of `kind`."""
-    from pipeline.formats import PREFERENCE_FORMATS
+    from pipeline.data.formats import PREFERENCE_FORMATS
 
     items = t["data"]
     if not items:
@@ -46,7 +46,7 @@ def mixture(recipe, t: dict, kind: str) -> list[dict]:
 def train_tasks(plan, stage, method: str, kind: str, doc: str):
     """One task per `[train.<name>]` with this method: inputs are the start model, the datasets and the chat
     template; an adapter is provided as `trained` (the merge stage makes its model), full weights as `model`."""
-    from pipeline.recipe import RecipeError, train_order
+    from pipeline.core.recipe.schema import RecipeError, train_order
 
     r = plan.recipe
     for name in train_order(r.config):
@@ -92,7 +92,7 @@ def take(records: list[dict], limit: int, weight: float, seed: str) -> list[dict
 
 def load_mixture(data: dict, mix: list[dict], kind: str, where: str) -> list[dict]:
     """The training records of the mixture, in the mixture's order; each dataset must be of `kind`."""
-    from pipeline.dataset import kind_of, read_records
+    from pipeline.data.dataset import kind_of, read_records
 
     out = []
     for m in mix:
@@ -141,7 +141,7 @@ def load_for_training(base_model: str, base_ref: str, t: dict, where: str):
     import torch
     from peft import LoraConfig
 
-    from pipeline.hf import load_causal_lm
+    from pipeline.models.hf import load_causal_lm
 
     mode = t["finetuning"]
     if mode == "qlora":
@@ -289,7 +289,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn under the tokenizer's chat template (`<|im_end|>`, `<|eot_id|>`,
     `<end_of_turn>`, `</s>`, ...), found by rendering a probe conversation: the first special token after the
     answer in the assistant's span; plus the tokenizer's EOS."""
-    from pipeline.templates import assistant_spans
+    from pipeline.finetuning.chat_templates import assistant_spans
 
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     probe = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
@@ -342,7 +342,7 @@ def finish(out_dir: Path, trainer, tokenizer, peft_config, base_model: str, temp
            summary: dict) -> dict:
     """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary (with the start
     model's identity: its content digest, or the hub id and the commit it resolved to)."""
-    from pipeline.hf import model_identity
+    from pipeline.models.hf import model_identity
 
     result, resumed, log = fitted
     start = model_identity(base_model)
@@ -369,7 +369,7 @@ def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str)
     to; a folder by its content digest (`start`, `sha256:...`), never by its path, which holds the recipe's name
     (`artifacts/<recipe>/models/sft`). That is the run cache's copy; `localize_adapter` then names the folder in
     each recipe's own output, where AutoPeftModelForCausalLM resolves it from the project root."""
-    from pipeline.hf import split_ref
+    from pipeline.models.hf import split_ref
 
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -298,7 +298,7 @@ def _validate(table: dict, schema: dict, prefix: str, file: Path, recipes_dir: P
     out = {}
     for k in table:
         if k not in schema:
-            from pipeline.formats import did_you_mean
+            from pipeline.data.formats import did_you_mean
 
             hint = did_you_mean(ALIASES.get(k, k) if ALIASES.get(k) in schema else k, schema)
             raise RecipeError(f"{file}: unknown key '{prefix}{k}'{hint} (known keys here: "
@@ -516,7 +516,7 @@ def _load(path: Path, name: str, raw: dict, files, recipes_dir: Path, sweep: dic
                           f"[train.sft.lora])")
     template = raw.get("model", {}).get("chat_template") if isinstance(raw.get("model"), dict) else None
     if isinstance(template, str):
-        from pipeline.templates import resolve, unknown
+        from pipeline.finetuning.chat_templates import resolve, unknown
 
         if (why := unknown(template, recipes_dir)) is not None:
             raise RecipeError(f"{path}: model.chat_template: {why}")
@@ -554,7 +554,7 @@ def _file_like(src: str, recipes_dir: Path) -> bool:
 
 
 def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
-    from pipeline.formats import FormatError, check_columns
+    from pipeline.data.formats import FormatError, check_columns
 
     raw_data = raw.get("data", {})
     for name, d in c["data"].items():
@@ -650,8 +650,8 @@ def _check_train(path: Path, raw_train: dict, c: dict) -> None:
 def _check_train_data_kinds(path: Path, c: dict, recipes_dir: Path) -> None:
     """Each training stage's datasets are of the kind its method trains on (what their format says, or what the
     first rows of a local file show), so a DPO stage on conversations fails here, not after its upstream built."""
-    from pipeline.dataset import declared_kind
-    from pipeline.formats import PREFERENCE_FORMATS
+    from pipeline.data.dataset import declared_kind
+    from pipeline.data.formats import PREFERENCE_FORMATS
 
     words = {"sft": "conversations (SFT data)", "preference": "preference pairs (prompt, chosen, rejected)"}
     for name, t in sorted(c["train"].items()):
@@ -836,11 +836,11 @@ def load_recipes(recipes_dir: Path, errors: list[str] | None = None) -> list[Rec
 
 def reference() -> str:
     """The recipe reference (recipes/REFERENCE.md), generated from SCHEMA: every key, its type, default, allowed
-    values and meaning. `python -m pipeline.recipe > recipes/REFERENCE.md` rewrites it; a test keeps it current."""
+    values and meaning. `python -m pipeline.core.recipe.schema > recipes/REFERENCE.md` rewrites it; a test keeps it current."""
     import json
 
     lines = ["# Recipe reference", "",
-             "Generated from the schema (`pipeline/recipe.py`) by `python -m pipeline.recipe > recipes/REFERENCE.md`; "
+             "Generated from the schema (`pipeline/core/recipe/schema.py`) by `python -m pipeline.core.recipe.schema > recipes/REFERENCE.md`; "
              "a test fails when it is out of date. `<name>` stands for a name you choose. File keys are paths "
              "relative to `recipes/` and must stay inside it.", "",
              "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]

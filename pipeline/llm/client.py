@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.errors import TunebuildError, Unavailable
-from pipeline.ledger import Entry, Ledger, request_key
+from pipeline.llm.ledger import Entry, Ledger, request_key
 
 
 @dataclass
@@ -250,12 +250,12 @@ class OpenAIBackend:
 
 
 class LocalBackend:
-    """A transformers model answering through the batched engine (`pipeline.generation.HFEngine`): a call's
+    """A transformers model answering through the batched engine (`pipeline.llm.generation.HFEngine`): a call's
     prompts are decoded many at a time, each as if alone (sampling seeded per request by its ledger key)."""
     name = "local"
 
     def __init__(self, model_path: str, identity: str):
-        from pipeline.generation import HFEngine
+        from pipeline.llm.generation import HFEngine
 
         self.model_id = identity
         self.engine = HFEngine(model_path)
@@ -388,7 +388,7 @@ def make_client(config: dict, *, generator, ledger, recipe: str = "") -> Client:
     path) for the local backend."""
     from pathlib import Path
 
-    from pipeline.store import input_digest
+    from pipeline.core.store import input_digest
 
     if config["backend"] == "openai":
         backend = OpenAIBackend(config["model"], api=config["api"], base_url=config["base_url"],

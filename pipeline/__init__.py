@@ -1,0 +1,1 @@
+"""tunebuild: a declarative, incremental build system for LLM fine-tuning experiments, on pydoit."""

@@ -1,0 +1,1 @@
+"""Evaluation library: paired statistics and plots for comparing models."""

@@ -1,0 +1,1 @@
+"""Fine-tuning library: training a model on canonical datasets, and the chat templates it trains with."""
