@@ -126,7 +126,7 @@ def test_retrained_local_base_folder_rebuilds_everything_that_used_it(tmp_path):
     import sqlite3
     import time
 
-    from pipeline.core.store import folder_digests, input_digest
+    from pipeline.digests import folder_digests, input_digest
 
     project = copy_project(tmp_path, recipes=())
     (project / "recipes/r.toml").write_text(LOCAL)
@@ -189,7 +189,7 @@ def test_retrained_local_base_folder_rebuilds_everything_that_used_it(tmp_path):
 def test_the_digest_cache_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     import os
 
-    from pipeline.core import store
+    from pipeline import digests as store
 
     monkeypatch.chdir(tmp_path)
     big = tmp_path / "weights.bin"
@@ -213,7 +213,8 @@ def test_the_digest_cache_reads_an_unchanged_file_once(tmp_path, monkeypatch):
 
 
 def test_listing_tasks_hashes_no_model_folder(tmp_path, monkeypatch):
-    from pipeline.core import graph, store
+    from pipeline import digests
+    from pipeline.core import graph
 
     project = copy_project(tmp_path, recipes=())
     (project / "recipes/r.toml").write_text(LOCAL)
@@ -224,7 +225,7 @@ def test_listing_tasks_hashes_no_model_folder(tmp_path, monkeypatch):
     def refuse(path):
         raise AssertionError(f"hashed {path} while listing tasks")
 
-    monkeypatch.setattr(store, "sha256_file", refuse)
+    monkeypatch.setattr(digests, "sha256_file", refuse)
     tasks = {f"{b}:{t['name']}": t for b, _, ts in graph.Project(project).task_table() for t in ts}
     sft = tasks["sft:r.sft"]
     assert "recipes/models/tiny/model.safetensors" in sft["file_dep"]

@@ -48,7 +48,7 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
     log = [json.loads(x) for x in (adapter / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
     # the run cache's copy names its base by content; a task's own output names the folder (sft.localize)
-    from pipeline.core.store import input_digest
+    from pipeline.digests import input_digest
     portable = json.loads((adapter / "adapter_config.json").read_text())
     assert portable["base_model_name_or_path"] == f"sha256:{input_digest(tiny_model)}"
     local = json.loads(sft.localize(adapter, base_model=str(tiny_model))["adapter_config.json"])

@@ -33,13 +33,13 @@ TASKS_CACHE = ARTIFACTS / ".tasks.json"   # data only: see pipeline.core.task_ca
 class DigestChecker(FileChangedChecker):
     """doit's file_dep check by content, like its md5 check: an unchanged modification time means an unchanged file,
     a changed size a changed one; otherwise the content digest decides. The digest is a sha256 from the digest
-    cache (`pipeline.core.store.file_digest`), remembered by size, mtime and inode: a large file whose time changed but
+    cache (`pipeline.digests.file_digest`), remembered by size, mtime and inode: a large file whose time changed but
     whose bytes did not (touched, copied, restored from a CI cache) is read once, not on every no-op as with doit's
     md5 check (which keeps the old time for a task that stays up to date), and that read also serves the run-cache
     key of the task that uses it."""
 
     def check_modified(self, file_path, file_stat, state):
-        from pipeline.core.store import file_digest
+        from pipeline.digests import file_digest
 
         timestamp, size, digest = state
         if file_stat.st_mtime == timestamp:
@@ -51,7 +51,7 @@ class DigestChecker(FileChangedChecker):
     def get_state(self, dep, current_state):
         import os
 
-        from pipeline.core.store import file_digest
+        from pipeline.digests import file_digest
 
         timestamp = os.path.getmtime(dep)
         if current_state and current_state[0] == timestamp:

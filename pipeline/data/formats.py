@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import TunebuildError
+from pipeline.errors import TunebuildError, did_you_mean
 
 FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "dolly", "messages", "preference", "alpaca_ranking",
                             "sharegpt_ranking", "orca_dpo")
@@ -36,16 +36,6 @@ PREFERENCE_FORMATS: tuple[str, ...] = ("preference", "alpaca_ranking", "sharegpt
 def kind_of_format(fmt: str) -> str:
     """'sft' or 'preference': the kind of canonical record a format becomes."""
     return "preference" if fmt in PREFERENCE_FORMATS else "sft"
-
-
-def did_you_mean(word: str, known) -> str:
-    """' (did you mean X?)' for the known name nearest `word` (difflib, or initials: lr -> learning_rate), or ''."""
-    import difflib
-
-    known = [str(k) for k in known]
-    initials = [k for k in known if "_" in k and "".join(p[:1] for p in k.split("_")) == word]
-    close = initials or difflib.get_close_matches(word, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class BadRow(Exception):

@@ -388,7 +388,7 @@ def make_client(config: dict, *, generator, ledger, recipe: str = "") -> Client:
     path) for the local backend."""
     from pathlib import Path
 
-    from pipeline.core.store import input_digest
+    from pipeline.digests import input_digest
 
     if config["backend"] == "openai":
         backend = OpenAIBackend(config["model"], api=config["api"], base_url=config["base_url"],

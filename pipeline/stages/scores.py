@@ -29,7 +29,8 @@ import os
 from pathlib import Path
 
 from pipeline.core.stage import Stage
-from pipeline.core.store import digest_json, file_lock, input_digest
+from pipeline.core.store import file_lock
+from pipeline.digests import digest_json, input_digest
 
 STAGE = Stage(name="scores", version=4, phase="scores", cache=False, verbosity=1,
               doc="Load a recipe's evaluation results into artifacts/scores.duckdb.")

@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
+from pipeline.errors import TunebuildError, did_you_mean
 
 REQUIRED = object()
 BUILTIN_PREFIX = "builtin:"
@@ -298,8 +298,6 @@ def _validate(table: dict, schema: dict, prefix: str, file: Path, recipes_dir: P
     out = {}
     for k in table:
         if k not in schema:
-            from pipeline.data.formats import did_you_mean
-
             hint = did_you_mean(ALIASES.get(k, k) if ALIASES.get(k) in schema else k, schema)
             raise RecipeError(f"{file}: unknown key '{prefix}{k}'{hint} (known keys here: "
                               f"{', '.join(sorted(schema))})")
