@@ -39,7 +39,7 @@ def localize(out_dir: Path, *, base_model: str, **_) -> dict:
 
 
 def tasks(plan):
-    from pipeline.finetuning.training import train_tasks
+    from pipeline.core.train_tasks import train_tasks
 
     yield from train_tasks(plan, STAGE, "dpo", "preference", "training stage {name}: DPO ({finetuning}) from {base}")
 

@@ -20,7 +20,7 @@ STAGE = Stage(name="merge", version=2, phase="models", section="merge", verbosit
 
 
 def tasks(plan):
-    from pipeline.finetuning.training import model_folder
+    from pipeline.core.train_tasks import model_folder
 
     for trained in plan.products("trained"):
         base = trained.info["base"]

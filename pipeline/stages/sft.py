@@ -36,7 +36,7 @@ def localize(out_dir: Path, *, base_model: str, **_) -> dict:
 
 
 def tasks(plan):
-    from pipeline.finetuning.training import train_tasks
+    from pipeline.core.train_tasks import train_tasks
 
     yield from train_tasks(plan, STAGE, "sft", "sft", "training stage {name}: SFT ({finetuning}) from {base}")
 
