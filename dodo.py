@@ -1,6 +1,6 @@
 """tunebuild tasks. `doit build:<recipe>` builds a recipe end to end, `doit eval` scores every recipe's models.
 
-This file only declares tasks: recipes are loaded and validated by `pipeline.core.recipe.schema`, the graph
+This file only declares tasks: recipes are loaded and validated by `pipeline.core.recipe`, the graph
 (`pipeline.core.graph`) walks each recipe through the stages of `pipeline/stages/` and hands doit one task creator per
 stage (`task_generate`, `task_import`, `task_sft`, ...) plus `build` and `eval`. Nothing heavy (torch,
 transformers, ...) is imported until a task runs.

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import ROOT, copy_project, run_doit
 from pipeline.data.dataset import write_dataset
 from pipeline.errors import TunebuildError
-from pipeline.core.recipe.schema import load_recipes
+from pipeline.core.recipe.load import load_recipes
 from pipeline.stages import dpo
 
 TEMPLATE = ROOT / "recipes/templates/default.jinja"

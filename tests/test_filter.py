@@ -3,7 +3,7 @@ import json
 from PIL import Image
 
 from pipeline.stages import filter as filter_stage
-from pipeline.core.recipe.schema import load_recipes
+from pipeline.core.recipe.load import load_recipes
 from conftest import ROOT
 
 

@@ -6,7 +6,7 @@ from openai_server import FakeOpenAI
 from pipeline.stages import generate
 from pipeline.errors import Unavailable
 from pipeline.llm.client import make_client
-from pipeline.core.recipe.schema import load_recipes
+from pipeline.core.recipe.load import load_recipes
 from conftest import ROOT
 
 

@@ -265,7 +265,8 @@ def test_task_list_with_local_and_hub_models_is_cached_as_data(tmp_path, monkeyp
     ("org/model", "v 1", "model.revision: expected a branch, tag or commit"),
 ])
 def test_model_references_resolve_inside_recipes(tmp_path, base, revision, message):
-    from pipeline.core.recipe.schema import RecipeError, load_recipes
+    from pipeline.core.recipe.load import load_recipes
+    from pipeline.core.recipe.schema import RecipeError
 
     project = copy_project(tmp_path, recipes=())
     local_model(project / "recipes/models/tiny", 1)
@@ -279,7 +280,8 @@ def test_model_references_resolve_inside_recipes(tmp_path, base, revision, messa
 
 
 def test_a_local_folder_outside_recipes_is_refused_by_link_too(tmp_path):
-    from pipeline.core.recipe.schema import RecipeError, load_recipes
+    from pipeline.core.recipe.load import load_recipes
+    from pipeline.core.recipe.schema import RecipeError
 
     project = copy_project(tmp_path, recipes=())
     local_model(tmp_path / "elsewhere", 1)

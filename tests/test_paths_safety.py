@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, copy_project, run_doit
 from pipeline.errors import TunebuildError
-from pipeline.core.recipe.schema import RecipeError, load_recipe
+from pipeline.core.recipe.load import load_recipe
+from pipeline.core.recipe.schema import RecipeError
 from pipeline.stages import evaluate, import_data
 from test_recipe import BASE, write
 

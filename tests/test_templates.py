@@ -10,9 +10,8 @@ import jinja2
 import pytest
 
 from pipeline.finetuning import chat_templates as templates
-
-
 from pipeline.models import tiny
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 CONVERSATION = [

@@ -157,7 +157,7 @@ def test_a_resumed_training_reports_the_loss_over_all_its_steps(tiny_model, tmp_
     import shutil
 
     from pipeline.data.dataset import write_dataset
-    from pipeline.core.recipe.schema import load_recipes
+    from pipeline.core.recipe.load import load_recipes
     from pipeline.stages import sft
 
     data = tmp_path / "data"

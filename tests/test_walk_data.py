@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT, copy_project
 from pipeline.errors import TunebuildError
-from pipeline.core.recipe.schema import RecipeError, load_recipe
+from pipeline.core.recipe.load import load_recipe
+from pipeline.core.recipe.schema import RecipeError
 from pipeline.stages import evaluate, import_data
 from test_import import config
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from doit.dependency import FileChangedChecker
 
 from pipeline.core.console import Reporter
-from pipeline.core.recipe.schema import Recipe, RecipeError, load_recipes
+from pipeline.core.recipe.load import Recipe, load_recipes
+from pipeline.core.recipe.schema import RecipeError
 from pipeline.core.stage import EVAL_PHASES, PHASES, Product, Stage
 
 ARTIFACTS = Path("artifacts")
@@ -243,7 +244,7 @@ class Plan:
 
     def model(self, ref: str, revision: str | None = None) -> ModelSource:
         """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds; a folder under
-        recipes/ (the recipe validated it: `pipeline.core.recipe.schema._check_model_ref`) is a local model, counted by its files;
+        recipes/ (the recipe validated it: `pipeline.core.recipe.checks._check_model_ref`) is a local model, counted by its files;
         anything else a hub id, at `revision`."""
         if ref.startswith("builtin:"):
             self.project.builtin_refs.add(ref)
@@ -264,7 +265,7 @@ class Plan:
     def models(self) -> dict[str, ModelSource]:
         """The models a recipe evaluates, by role: `base`, each training stage's model by the stage's name (in
         training order), then the extra models of `[eval.models]` (`recipe:<name>` is that recipe's final model)."""
-        from pipeline.core.recipe.schema import train_order
+        from pipeline.core.recipe.load import train_order
 
         out = {"base": self.base_model()}
         trained = {p.name: p for p in self.products("model")}
@@ -282,7 +283,7 @@ class Plan:
 
     def final(self) -> str:
         """The role of the recipe's final model: its last training stage, or `base` when it trains nothing."""
-        from pipeline.core.recipe.schema import train_order
+        from pipeline.core.recipe.load import train_order
 
         order = train_order(self.recipe.config)
         return order[-1] if order else "base"
@@ -290,7 +291,7 @@ class Plan:
     def comparisons(self) -> list[tuple[str, str]]:
         """The pairs of models the recipe compares: each training stage with the model it started from (base →
         sft → dpo), then the final model with each `[eval.models]` model."""
-        from pipeline.core.recipe.schema import train_order
+        from pipeline.core.recipe.load import train_order
 
         train = self.recipe.config["train"]
         pairs = [(train[n]["from"], n) for n in train_order(self.recipe.config)]

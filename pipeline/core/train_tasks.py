@@ -7,7 +7,8 @@ write their weights there directly), so a stage can start `from` another whateve
 """
 from __future__ import annotations
 
-from pipeline.core.recipe.schema import RecipeError, train_order
+from pipeline.core.recipe.load import train_order
+from pipeline.core.recipe.schema import RecipeError
 
 
 def model_folder(plan, name: str):

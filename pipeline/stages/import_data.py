@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.errors import TunebuildError
-from pipeline.core.recipe.schema import is_local_source
+from pipeline.core.recipe.checks import is_local_source
 from pipeline.core.stage import Stage
 
 STAGE = Stage(name="import", version=1, phase="data", section="data.<name>",

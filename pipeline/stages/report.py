@@ -29,7 +29,7 @@ STAGE = Stage(name="report", version=4, phase="report", cache=False,
 
 
 def tasks(plan):
-    from pipeline.core.recipe.schema import train_order
+    from pipeline.core.recipe.load import train_order
 
     answers = {p.name: p.out for p in plan.products("answers")}
     config = {"stages": train_order(plan.recipe.config),
