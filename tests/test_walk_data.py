@@ -217,7 +217,7 @@ def test_a_suite_template_set_in_an_included_yaml_is_named_there(tmp_path):
 
 
 def test_head_rows_reads_the_start_of_a_large_json_list(tmp_path):
-    from pipeline.data.formats import head_rows, read_rows
+    from pipeline.data.read import head_rows, read_rows
 
     rows = [{"instruction": f"task {i}", "input": "", "output": "x" * 200} for i in range(8000)]
     path = tmp_path / "big.json"

@@ -47,7 +47,8 @@ def declared_kind(d: dict, recipes_dir: Path) -> tuple[str | None, str]:
 
 @functools.lru_cache(maxsize=64)
 def _recognised(path: str, mtime_ns: int, size: int, columns: tuple) -> str | None:
-    from pipeline.data.formats import detect, head_rows
+    from pipeline.data.detect import detect
+    from pipeline.data.read import head_rows
 
     try:
         return detect(head_rows(Path(path), 20), dict(columns) or None)

@@ -39,7 +39,7 @@ def tasks(plan):
 
 
 def read_instructions(path: Path) -> list[dict]:
-    from pipeline.data.formats import read_rows
+    from pipeline.data.read import read_rows
 
     out = []
     for n, row in read_rows(Path(path)):

@@ -254,7 +254,7 @@ def check_templates(path: Path, doc: dict, origin: dict, data: Path) -> None:
     line naming the YAML file, the key and the unknown name. Skipped when `process_docs` reshapes the rows."""
     import jinja2
 
-    from pipeline.data.formats import read_rows
+    from pipeline.data.read import read_rows
 
     if "process_docs" in doc:
         return
@@ -282,7 +282,7 @@ def check_templates(path: Path, doc: dict, origin: dict, data: Path) -> None:
 
 
 def _check_jsonl(data: Path, fields: list[str], task_file: str) -> None:
-    from pipeline.data.formats import read_rows
+    from pipeline.data.read import read_rows
 
     for n, row in read_rows(data):
         for field in fields:

@@ -86,7 +86,10 @@ def _keep_failure_report(log: Path | None, report: dict, dropped: list[dict]) ->
 def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hub_id: str | None = None,
         failure_log: str | None = None) -> dict:
     from pipeline.data.dataset import NoTrainingExample
-    from pipeline.data.formats import BadRow, FormatError, RowError, detect, read_rows, to_canonical
+    from pipeline.data.convert import to_canonical
+    from pipeline.data.detect import detect
+    from pipeline.data.formats import BadRow, FormatError, RowError
+    from pipeline.data.read import read_rows
 
     c = config
     log = _failure_log(failure_log)
