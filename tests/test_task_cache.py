@@ -7,7 +7,8 @@ import pytest
 
 from conftest import copy_project, run_doit
 from pipeline.core import task_cache
-from pipeline.core.graph import TASKS_CACHE, Project, _fingerprint
+from pipeline.core.graph import Project
+from pipeline.core.tasklist import TASKS_CACHE, _fingerprint
 
 
 class _Evil:

@@ -31,7 +31,9 @@ from doit.exceptions import InvalidCommand
 
 from pipeline.core.console import clock as _clock
 from pipeline.core.executor import LOGS, RUNS, RUNS_LOG
-from pipeline.core.graph import ARTIFACTS, DB, LEDGER, MANIFEST, TASKS_CACHE, config_changed
+from pipeline.core.graph import ARTIFACTS, DB, LEDGER, MANIFEST
+from pipeline.core.tasklist import TASKS_CACHE
+from pipeline.core.uptodate import config_changed
 from pipeline.core.store import config_diff, pid_alive
 
 RUN, MAYBE = "will run", "may run"

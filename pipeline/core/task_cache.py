@@ -56,7 +56,7 @@ def _resolve(ref: str):
 
 
 def encode(obj):
-    from pipeline.core.graph import config_changed
+    from pipeline.core.uptodate import config_changed
 
     if isinstance(obj, config_changed):
         return {"$config_changed": encode(obj.config)}
@@ -100,7 +100,7 @@ class _Decoder:
                 if tag == "$fn" and isinstance(value, str):
                     return _Fn(value)
                 if tag == "$config_changed" and isinstance(value, dict):
-                    from pipeline.core.graph import config_changed
+                    from pipeline.core.uptodate import config_changed
 
                     return config_changed(value)
                 raise CacheInvalid(f"unknown tag {tag}")
@@ -161,7 +161,7 @@ def _check_call(item, *, what: str):
 def check_task(task: dict) -> tuple[dict, int]:
     """The task with its callables resolved, and how many tagged values it holds in the places a task may hold
     them; raise CacheInvalid unless it is made only of what the graph makes."""
-    from pipeline.core.graph import config_changed
+    from pipeline.core.uptodate import config_changed
 
     if not isinstance(task, dict) or set(task) - TASK_KEYS or not isinstance(task.get("name"), str):
         raise CacheInvalid("not a task")
