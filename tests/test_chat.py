@@ -81,11 +81,11 @@ def last_answer(history) -> str:
 
 @pytest.fixture(scope="module")
 def app(tiny_model, tuned_model):
-    from pipeline.stages import chat
+    from pipeline.evaluation import chat_app
 
     port = free_port()
-    served = chat.serve({"base": str(tiny_model), "tuned": str(tuned_model)}, ["What is the capital of Italy?"],
-                        title="test chat", server_name="127.0.0.1", server_port=port, block=False)
+    served = chat_app.serve({"base": str(tiny_model), "tuned": str(tuned_model)}, ["What is the capital of Italy?"],
+                            title="test chat", server_name="127.0.0.1", server_port=port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
