@@ -12,7 +12,8 @@ import pytest
 
 from openai_server import FAULT_KINDS, FakeOpenAI, answer
 from pipeline.errors import TunebuildError, Unavailable
-from pipeline.llm.client import RequestFailed, RetryPolicy, make_client
+from pipeline.llm.client import make_client
+from pipeline.llm.openai_backend import RequestFailed, RetryPolicy
 
 KEY = "sk-secret-test"
 PARAMS = {"max_tokens": 32, "temperature": 0.0, "top_p": 1.0, "stop": None}
