@@ -1,1 +1,2 @@
-"""Models library: loading Hugging Face models and tokenizers (hub or folder), and the built-in tiny model."""
+"""Models library: hf.py (hub references and commits, loading models and tokenizers, a model's identity, hub
+datasets) and tiny.py (the built-in tiny model)."""
