@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 from openai_server import FakeOpenAI  # noqa: E402
-from pipeline.llm.ledger import Ledger  # noqa: E402
 from pipeline.llm.client import Client  # noqa: E402
+from pipeline.llm.ledger import Ledger  # noqa: E402
 from pipeline.llm.openai_backend import OpenAIBackend  # noqa: E402
 
 

@@ -68,8 +68,8 @@ def test_the_batch_size_halves_on_out_of_memory(engine, monkeypatch):
 
 
 def test_the_local_backend_answers_through_the_engine(tiny_model, tmp_path):
-    from pipeline.llm.ledger import Ledger
     from pipeline.llm.client import Client, LocalBackend
+    from pipeline.llm.ledger import Ledger
 
     backend = LocalBackend(str(tiny_model), "builtin:tiny")
     client = Client(backend, Ledger(tmp_path / "ledger.sqlite"), "builtin:tiny")

@@ -63,8 +63,10 @@ def _cases(marker: Path):
             {"module": "pipeline.stages.sft", "out": "artifacts/x", "inputs": {},
              "params": {"hook": {"$fn": "os.path:exists"}}}]}]),
         "run-stage-of-os": _evil_task(marker, actions=[{"$tuple": [
-            {"$fn": "pipeline.core.runner:run_stage"}, [], {"module": "subprocess", "out": "artifacts/x", "inputs": {}}]}]),
-        "clean-outside": _evil_task(marker, clean=[{"$tuple": [{"$fn": "pipeline.core.runner:remove_output"}, ["/tmp"]]}]),
+            {"$fn": "pipeline.core.runner:run_stage"}, [],
+            {"module": "subprocess", "out": "artifacts/x", "inputs": {}}]}]),
+        "clean-outside": _evil_task(marker, clean=[{"$tuple": [
+            {"$fn": "pipeline.core.runner:remove_output"}, ["/tmp"]]}]),
         "target-outside": _evil_task(marker, targets=["../../etc/manifest.json"]),
         "not-a-stage": _evil_task(marker, actions=[{"$tuple": [{"$fn": "pipeline.stages.nope:run"}, [], {}]}]),
         "unknown-tag": _evil_task(marker, actions=[{"$pickle": "gASV"}]),

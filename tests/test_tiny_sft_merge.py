@@ -4,11 +4,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
-from pipeline.stages import filter as filter_stage
-from pipeline.models import tiny
-from pipeline.finetuning import training
-from pipeline.stages import merge, sft
 from pipeline.core.recipe.load import load_recipes
+from pipeline.finetuning import training
+from pipeline.models import tiny
+from pipeline.stages import filter as filter_stage
+from pipeline.stages import merge, sft
 
 
 def test_tiny_model_is_deterministic_and_loads_with_from_pretrained(tiny_model, tmp_path):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.llm import vllm_engine
 from pipeline.errors import TunebuildError, Unavailable
+from pipeline.llm import vllm_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 REASON = vllm_engine.available()

@@ -2,9 +2,9 @@
 `pipeline.core.tasklist`).
 
 The graph knows no stage by name. It imports every module of `pipeline/stages/`, orders them by the phase each
-declares (`pipeline.core.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks each
-recipe through them: every stage's `tasks(plan)` declares its tasks and what they provide (a dataset, a model,
-an evaluation, ...); later stages find what they consume among the plan's products.
+declares (`pipeline.core.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks
+each recipe through them: every stage's `tasks(plan)` declares its tasks and what they provide (a dataset, a
+model, an evaluation, ...); later stages find what they consume among the plan's products.
 
 Every stage task of recipe R writes `artifacts/R/<stage>[/<name>]/` and declares as its target the folder's
 manifest. Its `file_dep` are derived from its inputs (the manifests of upstream artifact folders, the recipe files
@@ -146,8 +146,8 @@ class Plan:
 
     def model(self, ref: str, revision: str | None = None) -> ModelSource:
         """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds; a folder under
-        recipes/ (the recipe validated it: `pipeline.core.recipe.checks._check_model_ref`) is a local model, counted by its files;
-        anything else a hub id, at `revision`."""
+        recipes/ (the recipe validated it: `pipeline.core.recipe.checks._check_model_ref`) is a local model, counted
+        by its files; anything else a hub id, at `revision`."""
         if ref.startswith("builtin:"):
             self.project.builtin_refs.add(ref)
             return ModelSource(ref, builtin_folder(ref), None)

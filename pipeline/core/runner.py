@@ -16,9 +16,9 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from pipeline.errors import TunebuildError, Unavailable
 from pipeline.core.store import build_cached, cache_key, is_complete
 from pipeline.digests import input_digest
+from pipeline.errors import TunebuildError, Unavailable
 
 CACHE = Path("artifacts") / ".cache"
 SCRATCH = Path("artifacts") / ".scratch"   # resumable progress of long stages, keyed like the run cache

@@ -34,9 +34,10 @@ class Stage:
     verbosity: int = 2           # doit verbosity of its tasks (1: doit captures stdout)
     in_build: bool = True        # part of `doit build:<recipe>` (False: run only when named, e.g. `chat:<recipe>`)
     # What its work needs. None: a light stage; it runs in the doit process and never holds a GPU. Otherwise a heavy
-    # stage, run by the executor (`pipeline.core.executor`) in a child process or a Slurm job: an int is a fixed number of
-    # GPUs; a string is the recipe key that gives the number ("train.<name>.gpus"): its last part is read from the
-    # task's config section (and kept out of its run-cache key), or the stage hands it to `plan.task(gpus=...)`.
+    # stage, run by the executor (`pipeline.core.executor`) in a child process or a Slurm job: an int is a fixed
+    # number of GPUs; a string is the recipe key that gives the number ("train.<name>.gpus"): its last part is read
+    # from the task's config section (and kept out of its run-cache key), or the stage hands it to
+    # `plan.task(gpus=...)`.
     # Unset in the recipe: 1 where GPUs exist, 0 on a CPU machine (decided when the task runs).
     gpus: int | str | None = None
 

@@ -7,9 +7,9 @@
   limits (408/409/429), server errors (5xx), timeouts (a hang is cut by a per-attempt timeout), dropped or refused
   connections and unreadable answers (a 200 whose body is not JSON, truncated, or has no text) are retried with
   exponential backoff (Retry-After honoured, capped); other 4xx (bad request, bad key, unknown model) are not, and
-  stop new requests from being sent. A failure never cancels the requests in flight: each answer is recorded in the ledger as it
-  arrives, and the stage ends with one line `<endpoint>: <what failed> after N attempts: <last error>` once they
-  have all settled.
+  stop new requests from being sent. A failure never cancels the requests in flight: each answer is recorded in the
+  ledger as it arrives, and the stage ends with one line `<endpoint>: <what failed> after N attempts: <last error>`
+  once they have all settled.
 - `local`: a transformers causal LM loaded with `from_pretrained` (a folder, or a hub id).
 """
 from __future__ import annotations

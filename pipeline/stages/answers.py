@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
 from pipeline.core.stage import Stage
+from pipeline.errors import TunebuildError
 
 STAGE = Stage(name="answers", version=2, phase="eval", section="eval.judge", gpus="eval.gpus",
               doc="A model's answers to the LLM judge's instruction set.")

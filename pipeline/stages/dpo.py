@@ -22,8 +22,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
 from pipeline.core.stage import Stage
+from pipeline.errors import TunebuildError
 from pipeline.finetuning.chat_templates import common_prefix
 
 STAGE = Stage(name="dpo", version=3, phase="train", section="train.<name>", gpus="train.<name>.gpus",

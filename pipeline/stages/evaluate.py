@@ -20,8 +20,8 @@ import math
 import re
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
 from pipeline.core.stage import Stage
+from pipeline.errors import TunebuildError
 
 STAGE = Stage(name="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")

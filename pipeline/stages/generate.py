@@ -28,9 +28,9 @@ import random
 import re
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
 from pipeline.llm.prompts import read_template, render
-from pipeline.core.stage import Stage
 
 STAGE = Stage(name="generate", version=1, phase="source", section="generate", gpus="generate.gpus",
               doc="Self-instruct: grow the seed tasks into instructions and instances through the LLM ledger.")

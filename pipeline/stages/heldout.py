@@ -23,8 +23,8 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
 from pipeline.core.stage import Stage
+from pipeline.errors import TunebuildError
 from pipeline.finetuning.chat_templates import common_prefix
 
 STAGE = Stage(name="heldout", basename="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",

@@ -19,9 +19,9 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
 from pipeline.core.recipe.checks import is_local_source
 from pipeline.core.stage import Stage
+from pipeline.errors import TunebuildError
 
 STAGE = Stage(name="import", version=1, phase="data", section="data.<name>",
               doc="Import a dataset (Alpaca, ShareGPT, Dolly, messages, preference pairs) from a file or the hub.")
@@ -85,8 +85,8 @@ def _keep_failure_report(log: Path | None, report: dict, dropped: list[dict]) ->
 
 def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hub_id: str | None = None,
         failure_log: str | None = None) -> dict:
-    from pipeline.data.dataset import NoTrainingExample
     from pipeline.data.convert import to_canonical
+    from pipeline.data.dataset import NoTrainingExample
     from pipeline.data.detect import detect
     from pipeline.data.formats import BadRow, FormatError, RowError
     from pipeline.data.read import read_rows
@@ -170,8 +170,8 @@ def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hu
 
 def _dedup(records: list[dict], c: dict, out_dir: Path) -> tuple[list[dict], list[dict]]:
     """The filter's exact ROUGE-L rule over the records' instructions, in row order."""
-    from pipeline.evaluation.plots import similarity_histogram
     from pipeline.data.rouge import dedup
+    from pipeline.evaluation.plots import similarity_histogram
 
     texts = [instruction_of(r) for r in records]
     tokenizer = "auto" if c["language"] == "zh" else "default"

@@ -27,9 +27,9 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
 from pipeline.llm.prompts import read_template, render
-from pipeline.core.stage import Stage
 
 STAGE = Stage(name="judge", version=2, phase="compare", section="eval.judge", gpus="eval.gpus",
               doc="LLM-as-judge: the final model vs a reference model, both orders (or single-answer grading).")

@@ -35,8 +35,8 @@ def tasks(plan):
 def run(out_dir: Path, *, base_model: str, adapter: Path, chat_template: Path, config: dict) -> dict:
     from peft import PeftModel
 
-    from pipeline.models.hf import load_causal_lm, load_tokenizer
     from pipeline.finetuning.training import save_model_folder
+    from pipeline.models.hf import load_causal_lm, load_tokenizer
 
     base, _ = load_causal_lm(base_model, dtype="float32", with_tokenizer=False)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

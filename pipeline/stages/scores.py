@@ -197,8 +197,8 @@ def _result(entry: dict) -> dict:
 
 def check_comparable(suite: str, a: dict, b: dict, name_a: str = "base", name_b: str = "tuned") -> None:
     """Refuse to compare two evaluations whose configs differ, saying what differs."""
-    from pipeline.errors import TunebuildError
     from pipeline.core.store import config_diff
+    from pipeline.errors import TunebuildError
 
     diff = config_diff(a, b)
     if diff:

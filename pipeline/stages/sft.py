@@ -20,8 +20,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import TunebuildError
 from pipeline.core.stage import Stage
+from pipeline.errors import TunebuildError
 
 STAGE = Stage(name="sft", version=6, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
@@ -43,9 +43,9 @@ def tasks(plan):
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_length: int,
                            template: Path) -> tuple[list[dict], dict]:
-    """`input_ids` and `completion_mask` (1 on every assistant turn's tokens, `pipeline.finetuning.chat_templates.assistant_spans`)
-    per conversation, truncated to `max_length`; conversations with no answer token left are dropped.
-    Returns (rows, counts)."""
+    """`input_ids` and `completion_mask` (1 on every assistant turn's tokens,
+    `pipeline.finetuning.chat_templates.assistant_spans`) per conversation, truncated to `max_length`; conversations
+    with no answer token left are dropped. Returns (rows, counts)."""
     from pipeline.finetuning.chat_templates import TemplateError, assistant_spans
 
     rows, truncated, dropped = [], 0, 0
