@@ -1,15 +1,15 @@
 """tunebuild tasks. `doit build:<recipe>` builds a recipe end to end, `doit eval` scores every recipe's models.
 
-This file only declares tasks: recipes are loaded and validated by `pipeline.recipe`, the graph
-(`pipeline.graph`) walks each recipe through the stages of `pipeline/stages/` and hands doit one task creator per
-stage (`task_generate`, `task_import`, `task_sft`, ...) plus `build` and `eval`. Nothing heavy (torch,
-transformers, ...) is imported until a task runs.
+This file only declares tasks: recipes are loaded and validated by `pipeline.core.recipe`, the graph
+(`pipeline.core.graph`) walks each recipe through the stages of `pipeline/stages/`, and `pipeline.core.tasklist` hands
+doit one task creator per stage (`task_generate`, `task_import`, `task_sft`, ...) plus `build` and `eval`. Nothing
+heavy (torch, transformers, ...) is imported until a task runs.
 """
 import sys
 from pathlib import Path
 
+from pipeline.core.tasklist import DOIT_CONFIG, creators  # noqa: F401  (doit reads DOIT_CONFIG from here)
 from pipeline.errors import TunebuildError
-from pipeline.graph import DOIT_CONFIG, creators  # noqa: F401  (doit reads DOIT_CONFIG from here)
 
 try:
     globals().update(creators(Path(__file__).resolve().parent))

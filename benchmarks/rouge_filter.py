@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.instructions import corpus, long_corpus  # noqa: E402
-from pipeline.rouge import dedup, novel_mask  # noqa: E402
+from pipeline.data.rouge import dedup, novel_mask  # noqa: E402
 
 
 def reference_mask(candidates, pool, threshold):

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(steps: int, method: str) -> dict:
-    from pipeline.recipe import SCHEMA, Key
+    from pipeline.core.recipe.schema import SCHEMA, Key
 
     def defaults(schema):
         return {k: defaults(v) if isinstance(v, dict) else v.default for k, v in schema.items()
@@ -39,7 +39,7 @@ def dataset(folder: Path, file: str, fmt: str) -> Path:
 
     out = folder / fmt
     out.mkdir()
-    from pipeline.recipe import SCHEMA
+    from pipeline.core.recipe.schema import SCHEMA
 
     cfg = {k: v.default for k, v in SCHEMA["data"].schema.items() if k != "source"}
     cfg.update(format=fmt, heldout_fraction=0.0)
@@ -102,7 +102,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from pipeline import tiny
+    from pipeline.models import tiny
     from pipeline.stages import dpo, sft
 
     template_path = ROOT / "recipes/templates/chatml.jinja"

@@ -15,7 +15,7 @@ from openai_server import FakeOpenAI  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from pipeline import tiny
+    from pipeline.models import tiny
 
     out = tmp_path_factory.mktemp("tiny") / "builtin-tiny"
     out.mkdir()

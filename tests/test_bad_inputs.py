@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, copy_project
 from pipeline.errors import TunebuildError
-from pipeline import training
+from pipeline.finetuning import training
 from pipeline.stages import evaluate, filter as filter_stage, generate, heldout
 
 SUITE = ROOT / "recipes/evals/tb_basic"

@@ -81,11 +81,11 @@ def last_answer(history) -> str:
 
 @pytest.fixture(scope="module")
 def app(tiny_model, tuned_model):
-    from pipeline.stages import chat
+    from pipeline.evaluation import chat_app
 
     port = free_port()
-    served = chat.serve({"base": str(tiny_model), "tuned": str(tuned_model)}, ["What is the capital of Italy?"],
-                        title="test chat", server_name="127.0.0.1", server_port=port, block=False)
+    served = chat_app.serve({"base": str(tiny_model), "tuned": str(tuned_model)}, ["What is the capital of Italy?"],
+                            title="test chat", server_name="127.0.0.1", server_port=port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -157,7 +157,7 @@ def test_example_prompts_come_from_judge_instructions_else_heldout_data(tmp_path
 
 
 def test_chat_is_a_task_per_recipe_and_not_part_of_build():
-    from pipeline.graph import Project
+    from pipeline.core.graph import Project
 
     out = subprocess.run([sys.executable, "-m", "doit", "list", "--all"], cwd=ROOT, capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
@@ -235,7 +235,7 @@ def test_doit_chat_demo_builds_what_is_missing_then_serves(tmp_path):
     Ctrl-C."""
     from gradio_client import Client
 
-    from pipeline.graph import Project
+    from pipeline.core.graph import Project
 
     plan = Project(ROOT).plans["demo"]
     models, final = plan.models(), plan.final()

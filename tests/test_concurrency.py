@@ -7,7 +7,7 @@ import sys
 import time
 
 from conftest import ROOT, copy_project, run_doit
-from pipeline.store import _remove_stale_temps
+from pipeline.core.store import _remove_stale_temps
 
 
 def test_a_second_build_waits_for_the_first_and_reads_do_not(tmp_path):

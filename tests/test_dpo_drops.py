@@ -8,9 +8,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, copy_project, run_doit
-from pipeline.dataset import write_dataset
+from pipeline.core.recipe.load import load_recipes
+from pipeline.data.dataset import write_dataset
 from pipeline.errors import TunebuildError
-from pipeline.recipe import load_recipes
 from pipeline.stages import dpo
 
 TEMPLATE = ROOT / "recipes/templates/default.jinja"

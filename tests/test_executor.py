@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, copy_project, run_doit
-from pipeline import gpus
+from pipeline.core import gpus
 from pipeline.errors import TunebuildError
 
 SLOTS_RECIPE = """
@@ -89,7 +89,7 @@ def test_four_trainings_share_four_gpus(tmp_path):
 
 
 def _holder(lock_dir: Path, ids: str, n: int) -> subprocess.Popen:
-    code = ("import sys, time; from pipeline import gpus; "
+    code = ("import sys, time; from pipeline.core import gpus; "
             f"lease = gpus.acquire({n}, 'holder'); print(','.join(lease.ids), flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "TUNEBUILD_GPUS": ids,

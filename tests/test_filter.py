@@ -2,8 +2,8 @@ import json
 
 from PIL import Image
 
+from pipeline.core.recipe.load import load_recipes
 from pipeline.stages import filter as filter_stage
-from pipeline.recipe import load_recipes
 from conftest import ROOT
 
 

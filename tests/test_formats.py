@@ -1,12 +1,16 @@
-"""pipeline.formats: reading files, recognising formats, converting rows to canonical records."""
+"""pipeline.data.formats and pipeline.data.convert: each format's rows as canonical records, the `columns`
+mapping, and the sample files (recognised, then converted). Reading files is tests/test_read.py, recognising a
+format tests/test_detect.py."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.formats import (FORMATS, PREFERENCE_FORMATS, BadRow, FormatError, RowError, check_columns, detect,
-                              read_rows, to_canonical)
+from pipeline.data.convert import to_canonical
+from pipeline.data.detect import detect
+from pipeline.data.formats import FORMATS, PREFERENCE_FORMATS, BadRow, FormatError, RowError, check_columns
+from pipeline.data.read import read_rows
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
 
@@ -360,172 +364,6 @@ def test_check_columns():
     with pytest.raises(FormatError, match="unknown key 'bogus'"):
         detect([{"instruction": "a", "output": "b"}], {"bogus": "x"})
 
-
-# ---------------------------------------------------------------- detect
-
-
-def test_detect_each_format():
-    assert detect([{"instruction": "i", "input": "", "output": "o", "text": "t"}]) == "alpaca"
-    assert detect([{"instruction": "i", "context": "", "response": "r", "category": "open_qa"}]) == "dolly"
-    assert detect([conv(("human", "q"), ("gpt", "a"))]) == "sharegpt"
-    assert detect([conv(("human", "q"), ("gpt", "a"), key="messages")]) == "sharegpt"
-    assert detect([{"messages": [u("q"), a("a")]}]) == "messages"
-    assert detect([{"conversations": [u("q"), a("a")]}]) == "messages"
-    assert detect([{"prompt": "p", "chosen": "c", "rejected": "r"}]) == "preference"
-    assert detect([{"chosen": [u("q"), a("c")], "rejected": [u("q"), a("r")]}]) == "preference"
-    assert detect([{"system": "", "question": "q", "chosen": "c", "rejected": "r"}]) == "orca_dpo"
-    assert detect([{"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "c"},
-                    "rejected": {"from": "gpt", "value": "r"}}]) == "sharegpt_ranking"
-    # HuggingFaceH4/ultrafeedback_binarized: prompt, chosen/rejected conversations, and a messages copy of chosen
-    h4 = {"prompt": "q", "prompt_id": "1", "chosen": [u("q"), a("c")], "rejected": [u("q"), a("r")],
-          "messages": [u("q"), a("c")], "score_chosen": 8.0, "score_rejected": 3.0}
-    assert detect([h4]) == "preference"
-    assert to_canonical(h4, "preference") == {"prompt": [u("q")], "chosen": [a("c")], "rejected": [a("r")]}
-    # HuggingFaceH4/ultrachat_200k: prompt, prompt_id, messages
-    assert detect([{"prompt": "q", "prompt_id": "1", "messages": [u("q"), a("a")]}]) == "messages"
-    # a row that fits nothing among rows that fit one format does not stop detection
-    assert detect([{"instruction": "i", "output": "o"}, {"junk": 1}]) == "alpaca"
-
-
-def test_detect_ambiguous():
-    both = {"instruction": "i", "output": "o", "conversations": [{"from": "human", "value": "q"}]}
-    with pytest.raises(FormatError, match=r"^ambiguous: the rows fit both alpaca and sharegpt; set format$"):
-        detect([both])
-    mixed = [{"instruction": "i", "output": "o"}, {"messages": [u("q"), a("a")]}]
-    with pytest.raises(FormatError, match="ambiguous: the rows fit both alpaca and messages"):
-        detect(mixed)
-    with pytest.raises(FormatError, match="ambiguous"):
-        detect([{"instruction": "i", "output": "o", "chosen": "c", "rejected": "r"}])
-
-
-def test_detect_unknown():
-    with pytest.raises(FormatError) as info:
-        detect([{"text": "a", "label": 1}, {"text": "b", "score": 2}])
-    message = str(info.value)
-    assert message.startswith("cannot recognise the format: keys seen: text, label, score; set format = one of ")
-    assert "alpaca" in message and "orca_dpo" in message and "\n" not in message
-    with pytest.raises(FormatError, match=r"conversations items have keys: speaker, text"):
-        detect([{"conversations": [{"speaker": "a", "text": "b"}]}])
-    with pytest.raises(FormatError, match="no rows"):
-        detect([])
-
-
-# ---------------------------------------------------------------- read_rows
-
-
-def test_read_json_list_wrapped_and_misnamed(tmp_path):
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
-    p = tmp_path / "list.json"
-    p.write_text(json.dumps(rows), encoding="utf-8")
-    assert list(read_rows(p)) == [(1, rows[0]), (2, rows[1])]
-    p = tmp_path / "wrapped.json"
-    p.write_text(json.dumps({"version": "1", "data": rows}), encoding="utf-8")
-    assert list(read_rows(p)) == [(1, rows[0]), (2, rows[1])]
-    p = tmp_path / "lines.json"
-    p.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n", encoding="utf-8")
-    assert list(read_rows(p)) == [(1, rows[0]), (3, rows[1])]
-    one = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-    p = tmp_path / "one.json"
-    p.write_text(json.dumps(one), encoding="utf-8")
-    assert list(read_rows(p)) == [(1, one)]
-    p = tmp_path / "broken.json"
-    p.write_text('[{"a": 1},', encoding="utf-8")
-    with pytest.raises(FormatError, match=r"broken\.json: not valid JSON"):
-        list(read_rows(p))
-    p = tmp_path / "scalars.json"
-    p.write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(RowError, match=r"scalars\.json:1: row: a JSON object"):
-        list(read_rows(p))
-
-
-def test_read_jsonl(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"a": "ü"}\n\n   \n{"a": "中文"}\n', encoding="utf-8")
-    assert list(read_rows(p)) == [(1, {"a": "ü"}), (4, {"a": "中文"})]
-    p = tmp_path / "bom.ndjson"
-    p.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n')
-    assert list(read_rows(p)) == [(1, {"a": 1})]
-
-
-def test_read_jsonl_bad_line(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"a": 1}\n{"a": 2}\n\n{"a": 3,\n{"a": 4}\n', encoding="utf-8")
-    rows = read_rows(p)
-    assert next(rows) == (1, {"a": 1})
-    with pytest.raises(RowError) as info:
-        list(rows)
-    err = info.value
-    assert (err.path, err.row, err.field) == (p, 4, "row")
-    assert str(err).startswith(f"{p}:4: row: not valid JSON")
-    p.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(RowError, match=r":2: row: a JSON object, not a list"):
-        list(read_rows(p))
-    # the same inside a .json file holding JSON Lines
-    p = tmp_path / "misnamed.json"
-    p.write_text('{"a": 1}\n{"a": 2}\n{"a": \n', encoding="utf-8")
-    with pytest.raises(RowError) as info:
-        list(read_rows(p))
-    assert info.value.row == 3
-
-
-def test_read_csv(tmp_path):
-    p = tmp_path / "d.csv"
-    p.write_bytes("\ufeffinstruction,input,output\nSay hi,,Hi!\n\"Two\nlines\",x,\"a, b\"\n".encode("utf-8"))
-    rows = list(read_rows(p))
-    assert rows == [(1, {"instruction": "Say hi", "input": "", "output": "Hi!"}),
-                    (2, {"instruction": "Two\nlines", "input": "x", "output": "a, b"})]
-    assert detect([r for _, r in rows]) == "alpaca"
-    assert to_canonical(rows[0][1], "alpaca") == {"messages": [u("Say hi"), a("Hi!")]}
-    p.write_text("a,b\n1,2\n1,2,3\n", encoding="utf-8")
-    with pytest.raises(RowError, match=r"d\.csv:2: row: 2 fields, as in the header"):
-        list(read_rows(p))
-
-
-def test_read_parquet(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    p = tmp_path / "d.parquet"
-    table = pa.table({
-        "conversations": [[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
-                          [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}]],
-        "meta": [{"k": 1}, None],
-        "tags": pa.array([[("x", "1")], []], type=pa.map_(pa.string(), pa.string())),
-    })
-    pq.write_table(table, p)
-    rows = list(read_rows(p))
-    assert [n for n, _ in rows] == [1, 2]
-    first = rows[0][1]
-    assert first["conversations"] == [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
-    assert type(first["conversations"]) is list and type(first["conversations"][0]) is dict
-    assert first["meta"] == {"k": 1} and rows[1][1]["meta"] is None
-    assert first["tags"] == {"x": "1"}
-    json.dumps([r for _, r in rows])
-    assert detect([r for _, r in rows]) == "sharegpt"
-    assert to_canonical(rows[1][1], "sharegpt") == {"messages": [u("问"), a("答")]}
-
-
-def test_read_errors(tmp_path):
-    p = tmp_path / "d.txt"
-    p.write_text("hello", encoding="utf-8")
-    with pytest.raises(FormatError, match=r"d\.txt: unknown file type '\.txt'"):
-        list(read_rows(p))
-    p = tmp_path / "latin1.jsonl"
-    p.write_bytes('{"a": "café"}\n'.encode("latin-1"))
-    with pytest.raises(FormatError, match=r"latin1\.jsonl: not UTF-8 text$"):
-        list(read_rows(p))
-    p = tmp_path / "latin1.json"
-    p.write_bytes('[{"a": "café"}]'.encode("latin-1"))
-    with pytest.raises(FormatError, match=r"latin1\.json: not UTF-8 text$"):
-        list(read_rows(p))
-    with pytest.raises(FormatError, match="no such file"):
-        list(read_rows(tmp_path / "missing.jsonl"))
-    p = tmp_path / "fake.parquet"
-    p.write_text("not parquet", encoding="utf-8")
-    with pytest.raises(FormatError, match=r"fake\.parquet: not a readable Parquet file"):
-        list(read_rows(p))
-
-
 def test_constants():
     assert FORMATS == ("alpaca", "sharegpt", "dolly", "messages", "preference", "alpaca_ranking", "sharegpt_ranking",
                        "orca_dpo")
@@ -537,8 +375,8 @@ def test_no_heavy_imports_at_module_top():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.formats; heavy = {'pyarrow', 'datasets', 'torch', 'numpy'} & set(sys.modules); "
-            "print(sorted(heavy))")
+    code = ("import sys, pipeline.data.formats, pipeline.data.read, pipeline.data.detect, pipeline.data.convert; "
+            "heavy = {'pyarrow', 'datasets', 'torch', 'numpy'} & set(sys.modules); print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     assert out == "[]"

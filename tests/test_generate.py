@@ -3,10 +3,10 @@ import json
 import pytest
 
 from openai_server import FakeOpenAI
-from pipeline.stages import generate
+from pipeline.core.recipe.load import load_recipes
 from pipeline.errors import Unavailable
-from pipeline.llm import make_client
-from pipeline.recipe import load_recipes
+from pipeline.llm.client import make_client
+from pipeline.stages import generate
 from conftest import ROOT
 
 

@@ -3,8 +3,8 @@ adapts to memory (issue 23.1)."""
 import pytest
 import torch
 
-from pipeline.generation import HFEngine
-from pipeline.hf import load_causal_lm
+from pipeline.llm.generation import HFEngine
+from pipeline.models.hf import load_causal_lm
 
 PROMPTS = [f"Question {i}: what is {'the capital of France ' * (i % 5)}?" for i in range(11)] + \
     ["Write a haiku about the sea.", "1 + 1 =", ""]
@@ -68,8 +68,8 @@ def test_the_batch_size_halves_on_out_of_memory(engine, monkeypatch):
 
 
 def test_the_local_backend_answers_through_the_engine(tiny_model, tmp_path):
-    from pipeline.ledger import Ledger
-    from pipeline.llm import Client, LocalBackend
+    from pipeline.llm.client import Client, LocalBackend
+    from pipeline.llm.ledger import Ledger
 
     backend = LocalBackend(str(tiny_model), "builtin:tiny")
     client = Client(backend, Ledger(tmp_path / "ledger.sqlite"), "builtin:tiny")
@@ -84,7 +84,7 @@ def test_the_local_backend_answers_through_the_engine(tiny_model, tmp_path):
 def test_a_local_model_folder_is_asked_by_its_content(tiny_model, tmp_path):
     import shutil
 
-    from pipeline.llm import make_client
+    from pipeline.llm.client import make_client
 
     folder = tmp_path / "models" / "mine"
     shutil.copytree(tiny_model, folder)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, copy_project, run_doit
 from openai_server import FakeOpenAI
-from pipeline.llm import make_client
+from pipeline.llm.client import make_client
 from pipeline.stages import answers as answers_stage
 from pipeline.stages import evaluate, heldout, judge, report, scores, sweep
 
@@ -106,10 +106,10 @@ def test_no_verdict_in_the_store_the_report_and_the_plot(tmp_path, monkeypatch):
     con.close()
     assert rows["no_verdict_rate"] == (1.0, 6) and rows["tie_rate"] == (None, 0) and rows["score"] == (None, 0)
     plotted = {}
-    import pipeline.plots
+    import pipeline.evaluation.plots
 
-    real = pipeline.plots.bar_chart
-    monkeypatch.setattr(pipeline.plots, "bar_chart", lambda path, labels, series, **kw: (
+    real = pipeline.evaluation.plots.bar_chart
+    monkeypatch.setattr(pipeline.evaluation.plots, "bar_chart", lambda path, labels, series, **kw: (
         plotted.update(series=series, colors=kw["colors"]), real(path, labels, series, **kw)))
     out = tmp_path / "report"
     out.mkdir()
@@ -240,7 +240,7 @@ def test_n_of_a_group_is_counted_never_none(tmp_path, tiny_model):
 
 
 def test_base_to_final_and_training_curves_in_training_order(tmp_path):
-    from pipeline.graph import Project
+    from pipeline.core.graph import Project
 
     project = copy_project(tmp_path, recipes=("zh_dpo_demo.toml",))
     plan = Project(project).plans["zh_dpo_demo"]

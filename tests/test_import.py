@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT, copy_project, run_doit
+from pipeline.core.recipe.schema import SCHEMA
 from pipeline.errors import TunebuildError
-from pipeline.recipe import SCHEMA
 from pipeline.stages import import_data
 
 DATA = ROOT / "recipes" / "data"

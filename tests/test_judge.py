@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from openai_server import FakeOpenAI
+from pipeline.llm.client import make_client
 from pipeline.stages import judge
-from pipeline.llm import make_client
 from conftest import ROOT
 
 PROMPT = ROOT / "recipes/prompts/judge_pairwise.txt"

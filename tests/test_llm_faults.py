@@ -12,7 +12,8 @@ import pytest
 
 from openai_server import FAULT_KINDS, FakeOpenAI, answer
 from pipeline.errors import TunebuildError, Unavailable
-from pipeline.llm import RequestFailed, RetryPolicy, make_client
+from pipeline.llm.client import make_client
+from pipeline.llm.openai_backend import RequestFailed, RetryPolicy
 
 KEY = "sk-secret-test"
 PARAMS = {"max_tokens": 32, "temperature": 0.0, "top_p": 1.0, "stop": None}
@@ -251,7 +252,7 @@ def test_an_endpoint_that_fails_every_request_stops_being_asked(tmp_path):
 
 def test_the_same_request_twice_in_one_call_is_paid_once(tmp_path, monkeypatch):
     from openai_server import FakeOpenAI
-    from pipeline.llm import make_client
+    from pipeline.llm.client import make_client
 
     monkeypatch.setenv("TB_TEST_KEY", "k")
     with FakeOpenAI() as server:

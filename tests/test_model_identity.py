@@ -103,7 +103,7 @@ SMALL = {"hidden_size": 128, "intermediate_size": 512}  # a 2 MB model.safetenso
 
 def local_model(folder, seed: int):
     """A random-init small Llama with the byte-level tokenizer, saved with save_pretrained (in place)."""
-    from pipeline import tiny
+    from pipeline.models import tiny
 
     folder.mkdir(parents=True, exist_ok=True)
     tiny.build(folder, {"seed": seed, **SMALL})
@@ -126,7 +126,7 @@ def test_retrained_local_base_folder_rebuilds_everything_that_used_it(tmp_path):
     import sqlite3
     import time
 
-    from pipeline.store import folder_digests, input_digest
+    from pipeline.digests import folder_digests, input_digest
 
     project = copy_project(tmp_path, recipes=())
     (project / "recipes/r.toml").write_text(LOCAL)
@@ -189,7 +189,7 @@ def test_retrained_local_base_folder_rebuilds_everything_that_used_it(tmp_path):
 def test_the_digest_cache_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     import os
 
-    from pipeline import store
+    from pipeline import digests as store
 
     monkeypatch.chdir(tmp_path)
     big = tmp_path / "weights.bin"
@@ -213,7 +213,8 @@ def test_the_digest_cache_reads_an_unchanged_file_once(tmp_path, monkeypatch):
 
 
 def test_listing_tasks_hashes_no_model_folder(tmp_path, monkeypatch):
-    from pipeline import graph, store
+    from pipeline import digests
+    from pipeline.core import graph
 
     project = copy_project(tmp_path, recipes=())
     (project / "recipes/r.toml").write_text(LOCAL)
@@ -224,7 +225,7 @@ def test_listing_tasks_hashes_no_model_folder(tmp_path, monkeypatch):
     def refuse(path):
         raise AssertionError(f"hashed {path} while listing tasks")
 
-    monkeypatch.setattr(store, "sha256_file", refuse)
+    monkeypatch.setattr(digests, "sha256_file", refuse)
     tasks = {f"{b}:{t['name']}": t for b, _, ts in graph.Project(project).task_table() for t in ts}
     sft = tasks["sft:r.sft"]
     assert "recipes/models/tiny/model.safetensors" in sft["file_dep"]
@@ -236,7 +237,7 @@ def test_listing_tasks_hashes_no_model_folder(tmp_path, monkeypatch):
 
 
 def test_task_list_with_local_and_hub_models_is_cached_as_data(tmp_path, monkeypatch):
-    from pipeline import graph, task_cache
+    from pipeline.core import graph, task_cache
 
     project = copy_project(tmp_path, recipes=())
     (project / "recipes/r.toml").write_text(LOCAL)
@@ -264,7 +265,8 @@ def test_task_list_with_local_and_hub_models_is_cached_as_data(tmp_path, monkeyp
     ("org/model", "v 1", "model.revision: expected a branch, tag or commit"),
 ])
 def test_model_references_resolve_inside_recipes(tmp_path, base, revision, message):
-    from pipeline.recipe import RecipeError, load_recipes
+    from pipeline.core.recipe.load import load_recipes
+    from pipeline.core.recipe.schema import RecipeError
 
     project = copy_project(tmp_path, recipes=())
     local_model(project / "recipes/models/tiny", 1)
@@ -278,7 +280,8 @@ def test_model_references_resolve_inside_recipes(tmp_path, base, revision, messa
 
 
 def test_a_local_folder_outside_recipes_is_refused_by_link_too(tmp_path):
-    from pipeline.recipe import RecipeError, load_recipes
+    from pipeline.core.recipe.load import load_recipes
+    from pipeline.core.recipe.schema import RecipeError
 
     project = copy_project(tmp_path, recipes=())
     local_model(tmp_path / "elsewhere", 1)
@@ -370,7 +373,7 @@ max_steps = 2
 def test_no_run_cache_key_holds_a_recipe_or_stage_name(tmp_path, monkeypatch):
     """sft -> dpo -> dpo2 in a recipe and in a copy under another name: every cached stage task's keyed values
     (config, params, the shape of its inputs) are the same, and none names the recipe."""
-    from pipeline import graph
+    from pipeline.core import graph
 
     project = copy_project(tmp_path, recipes=("zh_dpo_demo.toml",))
     (project / "recipes/chain_a.toml").write_text(CHAIN)

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT, copy_project, run_doit
+from pipeline.core.recipe.load import load_recipe
+from pipeline.core.recipe.schema import RecipeError
 from pipeline.errors import TunebuildError
-from pipeline.recipe import RecipeError, load_recipe
 from pipeline.stages import evaluate, import_data
 from test_recipe import BASE, write
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import RecipeError, load_recipe, load_recipes
+from pipeline.core.recipe.load import load_recipe, load_recipes
+from pipeline.core.recipe.schema import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -163,7 +164,7 @@ def test_bad_recipe_stops_dodo_with_one_line(tmp_path):
 def test_shipped_mmlu_categories_cover_57_subjects_in_4_categories():
     import json
 
-    from pipeline.recipe import _check_categories
+    from pipeline.core.recipe.checks import _check_categories
 
     path = ROOT / "recipes/evals/categories/mmlu.json"
     _check_categories(path, "eval.suites.mmlu.categories", path)
@@ -173,8 +174,8 @@ def test_shipped_mmlu_categories_cover_57_subjects_in_4_categories():
 
 
 def test_the_recipe_reference_is_generated_from_the_schema():
-    from pipeline.recipe import reference
+    from pipeline.core.recipe.reference import reference
 
     assert (RECIPES / "REFERENCE.md").read_text(encoding="utf-8") == reference(), \
-        "recipes/REFERENCE.md is out of date: python -m pipeline.recipe > recipes/REFERENCE.md"
+        "recipes/REFERENCE.md is out of date: python -m pipeline.core.recipe.reference > recipes/REFERENCE.md"
     assert "| `train.<name>.batch_size` | integer | `4` | >= 1 |" in reference()

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT, copy_project, run_doit
-from pipeline.recipe import RecipeError, load_recipe_variants, load_recipes
+from pipeline.core.recipe.load import load_recipe_variants, load_recipes
+from pipeline.core.recipe.schema import RecipeError
 
 REAL = ("mini_lima", "mini_lima_full", "mini_lima_sweep", "partial_ft", "zh_dpo", "alpaca_lora", "dolly_qlora")
 TWINS = {"mini_lima": "demo", "mini_lima_full": "mini_lima_full_demo", "mini_lima_sweep": "mini_lima_sweep_demo",
@@ -35,7 +36,7 @@ def test_every_real_recipe_and_its_twin_validate_and_are_listed():
 def test_shipped_cmmlu_and_ceval_category_maps():
     import json
 
-    from pipeline.recipe import _check_categories
+    from pipeline.core.recipe.checks import _check_categories
 
     for name, n in (("cmmlu", 67), ("ceval", 52)):
         path = ROOT / f"recipes/evals/categories/{name}.json"

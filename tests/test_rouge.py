@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from rouge_score.tokenizers import DefaultTokenizer
 
-from pipeline.plots import similarity_histogram
-from pipeline.rouge import dedup, filter_with_reasons, novel_mask, tokenize
+from pipeline.data.rouge import dedup, filter_with_reasons, novel_mask, tokenize
+from pipeline.evaluation.plots import similarity_histogram
 
 WORDS = ("the a give list write explain classify sentence word number of to in and for with story poem email "
          "three two short").split()

@@ -5,8 +5,8 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from pipeline.errors import TunebuildError
+from pipeline.evaluation.stats import holm, mcnemar_exact, paired_p, paired_summary
 from pipeline.stages.scores import check_comparable, read_categories
-from pipeline.stats import holm, mcnemar_exact, paired_p, paired_summary
 
 
 def test_mcnemar_exact_hand_computed_and_as_statsmodels():

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_project, run_doit
-from pipeline import task_cache
-from pipeline.graph import TASKS_CACHE, Project, _fingerprint
+from pipeline.core import task_cache
+from pipeline.core.graph import Project
+from pipeline.core.tasklist import TASKS_CACHE, _fingerprint
 
 
 class _Evil:
@@ -34,7 +35,7 @@ def _plant(project: Path, table) -> Path:
 
 def _evil_task(marker: Path, **changes) -> dict:
     task = {"name": "evil", "doc": "", "file_dep": [], "targets": ["artifacts/evil/manifest.json"],
-            "actions": [{"$tuple": [{"$fn": "pipeline.runner:remove_output"}, ["artifacts/evil"]]}],
+            "actions": [{"$tuple": [{"$fn": "pipeline.core.runner:remove_output"}, ["artifacts/evil"]]}],
             "uptodate": [], "clean": [], "verbosity": 2}
     task.update(changes)
     return task
@@ -58,12 +59,14 @@ def _cases(marker: Path):
         "os.system": _evil_task(marker, actions=[shell]),
         "builtin-exec": _evil_task(marker, actions=[{"$tuple": [{"$fn": "builtins:exec"}, ["1"]]}]),
         "callable-in-kwargs": _evil_task(marker, actions=[{"$tuple": [
-            {"$fn": "pipeline.runner:run_stage"}, [],
+            {"$fn": "pipeline.core.runner:run_stage"}, [],
             {"module": "pipeline.stages.sft", "out": "artifacts/x", "inputs": {},
              "params": {"hook": {"$fn": "os.path:exists"}}}]}]),
         "run-stage-of-os": _evil_task(marker, actions=[{"$tuple": [
-            {"$fn": "pipeline.runner:run_stage"}, [], {"module": "subprocess", "out": "artifacts/x", "inputs": {}}]}]),
-        "clean-outside": _evil_task(marker, clean=[{"$tuple": [{"$fn": "pipeline.runner:remove_output"}, ["/tmp"]]}]),
+            {"$fn": "pipeline.core.runner:run_stage"}, [],
+            {"module": "subprocess", "out": "artifacts/x", "inputs": {}}]}]),
+        "clean-outside": _evil_task(marker, clean=[{"$tuple": [
+            {"$fn": "pipeline.core.runner:remove_output"}, ["/tmp"]]}]),
         "target-outside": _evil_task(marker, targets=["../../etc/manifest.json"]),
         "not-a-stage": _evil_task(marker, actions=[{"$tuple": [{"$fn": "pipeline.stages.nope:run"}, [], {}]}]),
         "unknown-tag": _evil_task(marker, actions=[{"$pickle": "gASV"}]),

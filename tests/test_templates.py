@@ -9,7 +9,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from pipeline import templates, tiny
+from pipeline.finetuning import chat_templates as templates
+from pipeline.models import tiny
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -4,11 +4,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
+from pipeline.core.recipe.load import load_recipes
+from pipeline.finetuning import training
+from pipeline.models import tiny
 from pipeline.stages import filter as filter_stage
-from pipeline import tiny
-from pipeline import training
 from pipeline.stages import merge, sft
-from pipeline.recipe import load_recipes
 
 
 def test_tiny_model_is_deterministic_and_loads_with_from_pretrained(tiny_model, tmp_path):
@@ -48,7 +48,7 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
     log = [json.loads(x) for x in (adapter / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
     # the run cache's copy names its base by content; a task's own output names the folder (sft.localize)
-    from pipeline.store import input_digest
+    from pipeline.digests import input_digest
     portable = json.loads((adapter / "adapter_config.json").read_text())
     assert portable["base_model_name_or_path"] == f"sha256:{input_digest(tiny_model)}"
     local = json.loads(sft.localize(adapter, base_model=str(tiny_model))["adapter_config.json"])
@@ -72,7 +72,7 @@ def test_sft_then_merge_gives_a_standalone_model(tiny_model, tmp_path):
 
 
 def test_mixture_caps_weights_and_refuses_preference_data(tmp_path):
-    from pipeline.dataset import write_dataset
+    from pipeline.data.dataset import write_dataset
     from pipeline.errors import TunebuildError
 
     def dataset(name, n, pref=False):

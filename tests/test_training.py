@@ -7,8 +7,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, copy_project, run_doit
-from pipeline import tiny, training
 from pipeline.errors import TunebuildError
+from pipeline.finetuning import training
+from pipeline.models import tiny
 
 
 def test_freeze_trains_only_the_named_modules_and_last_layers(tiny_model):
@@ -155,8 +156,8 @@ def _summary_without_resume(folder):
 def test_a_resumed_training_reports_the_loss_over_all_its_steps(tiny_model, tmp_path):
     import shutil
 
-    from pipeline.dataset import write_dataset
-    from pipeline.recipe import load_recipes
+    from pipeline.core.recipe.load import load_recipes
+    from pipeline.data.dataset import write_dataset
     from pipeline.stages import sft
 
     data = tmp_path / "data"

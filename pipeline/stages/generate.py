@@ -18,7 +18,7 @@ here beyond exact duplicates; the filter stage decides what is kept.
 
 Contract: reads `[generate]`; runs for every `[data.<name>]` with `source = "generate"`; consumes the seed file and
 prompt templates (and, for the local backend, the generator model); gets its LLM client from
-`pipeline.llm.make_client` with the ledger; writes `artifacts/<recipe>/generate/<name>/` and provides it as the
+`pipeline.llm.client.make_client` with the ledger; writes `artifacts/<recipe>/generate/<name>/` and provides it as the
 `pool` the filter stage turns into the dataset `<name>`.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ import random
 import re
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.prompts import read_template, render
-from pipeline.stage import Stage
+from pipeline.llm.prompts import read_template, render
 
 STAGE = Stage(name="generate", version=1, phase="source", section="generate", gpus="generate.gpus",
               doc="Self-instruct: grow the seed tasks into instructions and instances through the LLM ledger.")
@@ -228,7 +228,7 @@ def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, ledger: str, 
         generator: str | None = None, classify_prompt: Path | None = None, instance_prompt: Path | None = None,
         instance_prompt_output_first: Path | None = None) -> dict:
     """Grow the seed tasks into machine tasks with instances, through the client `[generate]` asks for."""
-    from pipeline.llm import make_client
+    from pipeline.llm.client import make_client
 
     client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
     return generate(out_dir, seeds=seeds, prompt=prompt, config=config, client=client,
@@ -238,7 +238,7 @@ def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, ledger: str, 
 
 def generate(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, classify_prompt: Path | None = None,
              instance_prompt: Path | None = None, instance_prompt_output_first: Path | None = None) -> dict:
-    """Grow the seed tasks into machine tasks with instances. `client` is a `pipeline.llm.Client`."""
+    """Grow the seed tasks into machine tasks with instances. `client` is a `pipeline.llm.client.Client`."""
     seed_tasks = read_seeds(seeds)
     if len(seed_tasks) < config["num_prompt_instructions"]:
         raise TunebuildError(f"generate.num_prompt_instructions: {config['num_prompt_instructions']} in-context "

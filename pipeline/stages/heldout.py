@@ -23,9 +23,9 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
-from pipeline.templates import common_prefix
+from pipeline.finetuning.chat_templates import common_prefix
 
 STAGE = Stage(name="heldout", basename="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
@@ -102,8 +102,8 @@ def _mean_stderr(xs: list[float]) -> tuple[float, float]:
 
 
 def run(out_dir: Path, *, model: str, data: dict, chat_template: Path, config: dict) -> dict:
-    from pipeline.dataset import read_records
-    from pipeline.hf import load_causal_lm, model_identity, package_versions
+    from pipeline.data.dataset import read_records
+    from pipeline.models.hf import load_causal_lm, model_identity, package_versions
 
     records, pairs = [], []
     for _, folder in sorted(data.items()):

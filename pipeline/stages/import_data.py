@@ -9,7 +9,7 @@ every dropped row and why) is kept as a log, `artifacts/<recipe>/logs/import-<na
 
 Steps: read the rows (JSON, JSONL, Parquet, CSV, or `datasets.load_dataset` for a hub id), shuffle with
 `shuffle_seed` and keep `limit` rows, recognise the format (`auto`) or use the one given, convert each row to the
-canonical record (`pipeline.formats`), drop or refuse bad rows (`on_bad_row`), with `dedup` drop instructions
+canonical record (`pipeline.data.formats`), drop or refuse bad rows (`on_bad_row`), with `dedup` drop instructions
 whose ROUGE-L against an earlier kept one is above `rouge_threshold`, then split train / held-out by content hash.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from pipeline.core.recipe.checks import is_local_source
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.recipe import is_local_source
-from pipeline.stage import Stage
 
 STAGE = Stage(name="import", version=1, phase="data", section="data.<name>",
               doc="Import a dataset (Alpaca, ShareGPT, Dolly, messages, preference pairs) from a file or the hub.")
@@ -46,7 +46,7 @@ def tasks(plan):
 
 def _hub_rows(hub_id: str, c: dict, where: str):
     """(label, rows, resolved revision) of a hub dataset, or one line saying why it cannot be had."""
-    from pipeline.hf import load_hub_dataset
+    from pipeline.models.hf import load_hub_dataset
 
     rows, revision = load_hub_dataset(hub_id, subset=c["subset"], split=c["split"], revision=c["revision"],
                                       where=where)
@@ -85,8 +85,11 @@ def _keep_failure_report(log: Path | None, report: dict, dropped: list[dict]) ->
 
 def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hub_id: str | None = None,
         failure_log: str | None = None) -> dict:
-    from pipeline.dataset import NoTrainingExample
-    from pipeline.formats import BadRow, FormatError, RowError, detect, read_rows, to_canonical
+    from pipeline.data.convert import to_canonical
+    from pipeline.data.dataset import NoTrainingExample
+    from pipeline.data.detect import detect
+    from pipeline.data.formats import BadRow, FormatError, RowError
+    from pipeline.data.read import read_rows
 
     c = config
     log = _failure_log(failure_log)
@@ -145,7 +148,7 @@ def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hu
     with open(out_dir / "dropped.jsonl", "w", encoding="utf-8") as f:
         for d in dropped:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    from pipeline.dataset import finish
+    from pipeline.data.dataset import finish
 
     try:
         report = finish(out_dir, records, c["heldout_fraction"], report, f"{label} ({fmt}): {len(records)} records")
@@ -167,8 +170,8 @@ def run(out_dir: Path, *, config: dict, where: str, file: Path | None = None, hu
 
 def _dedup(records: list[dict], c: dict, out_dir: Path) -> tuple[list[dict], list[dict]]:
     """The filter's exact ROUGE-L rule over the records' instructions, in row order."""
-    from pipeline.plots import similarity_histogram
-    from pipeline.rouge import dedup
+    from pipeline.data.rouge import dedup
+    from pipeline.evaluation.plots import similarity_histogram
 
     texts = [instruction_of(r) for r in records]
     tokenizer = "auto" if c["language"] == "zh" else "default"

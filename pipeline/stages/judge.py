@@ -18,7 +18,7 @@ and the rendered prompt holds the two answers in their order: editing the judge 
 
 Contract: reads `[eval.judge]`; consumes the `answers` of the recipe's final model (the candidate) and of the
 reference model (`eval.judge.reference`, `base` by default: any model the recipe evaluates) and,
-for the local backend, the judge model; gets its LLM client from `pipeline.llm.make_client` with the ledger;
+for the local backend, the judge model; gets its LLM client from `pipeline.llm.client.make_client` with the ledger;
 writes `artifacts/<recipe>/judge/` and provides it as a `judgement` for the scores stage.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.prompts import read_template, render
-from pipeline.stage import Stage
+from pipeline.llm.prompts import read_template, render
 
 STAGE = Stage(name="judge", version=2, phase="compare", section="eval.judge", gpus="eval.gpus",
               doc="LLM-as-judge: the final model vs a reference model, both orders (or single-answer grading).")
@@ -109,7 +109,7 @@ def length_controlled(y, len_candidate, len_reference) -> float:
 def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, ledger: str,
         recipe: str = "", generator: str | None = None, candidate_name: str = "tuned",
         reference_name: str = "base") -> dict:
-    from pipeline.llm import make_client
+    from pipeline.llm.client import make_client
 
     client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
     return judge(out_dir, candidate=candidate, reference=reference, prompt=prompt, config=config, client=client,

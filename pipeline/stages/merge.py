@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.stage import Stage
+from pipeline.core.stage import Stage
 
 STAGE = Stage(name="merge", version=2, phase="models", section="merge", verbosity=1, gpus="merge.gpus",
               doc="Merge a LoRA / QLoRA adapter into the full-precision model it was trained from.")
 
 
 def tasks(plan):
-    from pipeline.training import model_folder
+    from pipeline.core.train_tasks import model_folder
 
     for trained in plan.products("trained"):
         base = trained.info["base"]
@@ -35,8 +35,8 @@ def tasks(plan):
 def run(out_dir: Path, *, base_model: str, adapter: Path, chat_template: Path, config: dict) -> dict:
     from peft import PeftModel
 
-    from pipeline.hf import load_causal_lm, load_tokenizer
-    from pipeline.training import save_model_folder
+    from pipeline.finetuning.training import save_model_folder
+    from pipeline.models.hf import load_causal_lm, load_tokenizer
 
     base, _ = load_causal_lm(base_model, dtype="float32", with_tokenizer=False)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

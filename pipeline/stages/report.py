@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.stage import Stage
-from pipeline.store import file_lock
+from pipeline.core.stage import Stage
+from pipeline.core.store import file_lock
 
 STAGE = Stage(name="report", version=4, phase="report", cache=False,
               doc="Print and write a recipe's comparisons (base → trained models → extra models).")
 
 
 def tasks(plan):
-    from pipeline.recipe import train_order
+    from pipeline.core.recipe.load import train_order
 
     answers = {p.name: p.out for p in plan.products("answers")}
     config = {"stages": train_order(plan.recipe.config),
@@ -159,7 +159,7 @@ def directions(db: Path, recipe: str) -> dict[tuple, bool]:
 def render_paired(rows: list[dict], out_dir: Path, higher: dict[tuple, bool] | None = None) -> str:
     """`higher`: (suite, metric) -> higher is better; an improvement of a lower-is-better metric (a loss) is a
     negative delta."""
-    from pipeline.plots import bar_chart
+    from pipeline.evaluation.plots import bar_chart
 
     lines = []
     groups: dict[tuple, list[dict]] = {}
@@ -217,7 +217,7 @@ def render_judge(recipe: str, db: Path, out_dir: Path, max_no_verdict_rate: floa
     ungraded) rate is above the limit, and for pairwise judging the shares of win / tie / loss / no verdict."""
     import duckdb
 
-    from pipeline.plots import bar_chart
+    from pipeline.evaluation.plots import bar_chart
 
     with file_lock(db):
         con = duckdb.connect(str(db), read_only=True)
@@ -285,7 +285,7 @@ def render_curves(recipe: str, db: Path, out_dir: Path, stages: list[str] | None
     the rewards of the chosen and rejected answers, their margin and accuracy (`train-<stage>.png`)."""
     import duckdb
 
-    from pipeline.plots import _pyplot, save
+    from pipeline.evaluation.plots import _pyplot, save
 
     with file_lock(db):
         con = duckdb.connect(str(db), read_only=True)
@@ -342,7 +342,7 @@ def run(out_dir: Path, *, recipe: str, db: Path, scores: Path, answers: dict | N
     lines += [line for line in text.splitlines() if line.startswith("> **Warning**")]
     lines.append(f"report: {out_dir.parent / recipe / 'comparison.md'}")
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    from pipeline.console import verbose
+    from pipeline.core.console import verbose
 
     if verbose():
         print("\n" + text, flush=True)

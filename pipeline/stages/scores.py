@@ -28,8 +28,9 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.stage import Stage
-from pipeline.store import digest_json, file_lock, input_digest
+from pipeline.core.stage import Stage
+from pipeline.core.store import file_lock
+from pipeline.digests import digest_json, input_digest
 
 STAGE = Stage(name="scores", version=4, phase="scores", cache=False, verbosity=1,
               doc="Load a recipe's evaluation results into artifacts/scores.duckdb.")
@@ -196,8 +197,8 @@ def _result(entry: dict) -> dict:
 
 def check_comparable(suite: str, a: dict, b: dict, name_a: str = "base", name_b: str = "tuned") -> None:
     """Refuse to compare two evaluations whose configs differ, saying what differs."""
+    from pipeline.core.store import config_diff
     from pipeline.errors import TunebuildError
-    from pipeline.store import config_diff
 
     diff = config_diff(a, b)
     if diff:
@@ -222,7 +223,7 @@ def read_categories(path: str | None, subjects: list[str]) -> dict[str, list[str
 def paired_rows(recipe: str, entries: list[dict], items: list[tuple], pairs: list[list[str]]) -> list[dict]:
     """Each pair of models (base → sft, sft → dpo, final → each extra) on the same documents, per suite, metric
     and filter."""
-    from pipeline.stats import paired_summary
+    from pipeline.evaluation.stats import paired_summary
 
     by_role_suite = {(e["role"], e["suite"]): e for e in entries}
     values: dict[tuple, dict[str, float]] = {}

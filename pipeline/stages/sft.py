@@ -20,8 +20,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
-from pipeline.stage import Stage
 
 STAGE = Stage(name="sft", version=6, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
@@ -29,24 +29,24 @@ STAGE = Stage(name="sft", version=6, phase="train", section="train.<name>", gpus
 
 def localize(out_dir: Path, *, base_model: str, **_) -> dict:
     """This task's own adapter_config.json: the adapter names its recipe's start folder (the run cache keeps it
-    portable; see `pipeline.training.localize_adapter`)."""
-    from pipeline.training import localize_adapter
+    portable; see `pipeline.finetuning.training.localize_adapter`)."""
+    from pipeline.finetuning.training import localize_adapter
 
     return localize_adapter(out_dir, base_model)
 
 
 def tasks(plan):
-    from pipeline.training import train_tasks
+    from pipeline.core.train_tasks import train_tasks
 
     yield from train_tasks(plan, STAGE, "sft", "sft", "training stage {name}: SFT ({finetuning}) from {base}")
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_length: int,
                            template: Path) -> tuple[list[dict], dict]:
-    """`input_ids` and `completion_mask` (1 on every assistant turn's tokens, `pipeline.templates.assistant_spans`)
-    per conversation, truncated to `max_length`; conversations with no answer token left are dropped.
-    Returns (rows, counts)."""
-    from pipeline.templates import TemplateError, assistant_spans
+    """`input_ids` and `completion_mask` (1 on every assistant turn's tokens,
+    `pipeline.finetuning.chat_templates.assistant_spans`) per conversation, truncated to `max_length`; conversations
+    with no answer token left are dropped. Returns (rows, counts)."""
+    from pipeline.finetuning.chat_templates import TemplateError, assistant_spans
 
     rows, truncated, dropped = [], 0, 0
     for n, msgs in enumerate(conversations):
@@ -73,7 +73,7 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline import training
+    from pipeline.finetuning import training
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.stage import Stage
+from pipeline.core.stage import Stage
 
 STAGE = Stage(name="sweep", version=2, phase="project", cache=False,
               doc="One results table for the variants of a sweep, each compared with the baseline (Holm).")
@@ -74,7 +74,7 @@ def _suite_means(db: Path, variant: str, final: str) -> dict[str, float]:
     """Each suite's micro average of the final model (documents pooled), and the held-out loss."""
     import duckdb
 
-    from pipeline.store import file_lock
+    from pipeline.core.store import file_lock
 
     with file_lock(Path(db)):
         con = duckdb.connect(str(db), read_only=True)
@@ -100,8 +100,8 @@ def _suite_means(db: Path, variant: str, final: str) -> dict[str, float]:
 
 def run(out_dir: Path, *, sweep: str, variants: list[dict], baseline: str, db: Path, scores: dict, judges: dict,
         data: dict, sort_by: str | None = None, descending: bool = True, config: dict | None = None) -> dict:
-    from pipeline.plots import bar_chart
-    from pipeline.stats import holm, paired_p
+    from pipeline.evaluation.plots import bar_chart
+    from pipeline.evaluation.stats import holm, paired_p
 
     keys = [a["key"] for a in variants[0]["axes"]]
     asked = {v["variant"]: _outcomes(judges.get(v["variant"])) for v in variants}

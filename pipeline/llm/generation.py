@@ -37,7 +37,7 @@ class HFEngine:
 
     def __init__(self, model_path: str, *, batch_size: int = DEFAULT_BATCH_SIZE, model=None, tokenizer=None):
         if model is None:
-            from pipeline.hf import load_causal_lm
+            from pipeline.models.hf import load_causal_lm
 
             model, tokenizer = load_causal_lm(model_path)
         self.model, self.tokenizer = model, tokenizer

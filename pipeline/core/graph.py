@@ -1,9 +1,10 @@
-"""The task graph: recipes in, pydoit task dicts out. No heavy imports here (dodo.py loads this module).
+"""The task graph: recipes in, pydoit task dicts out. No heavy imports here (dodo.py loads this module through
+`pipeline.core.tasklist`).
 
 The graph knows no stage by name. It imports every module of `pipeline/stages/`, orders them by the phase each
-declares (`pipeline.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks each
-recipe through them: every stage's `tasks(plan)` declares its tasks and what they provide (a dataset, a model,
-an evaluation, ...); later stages find what they consume among the plan's products.
+declares (`pipeline.core.stage.PHASES`: datasets → training → models → evaluations → scores → report), and walks
+each recipe through them: every stage's `tasks(plan)` declares its tasks and what they provide (a dataset, a
+model, an evaluation, ...); later stages find what they consume among the plan's products.
 
 Every stage task of recipe R writes `artifacts/R/<stage>[/<name>]/` and declares as its target the folder's
 manifest. Its `file_dep` are derived from its inputs (the manifests of upstream artifact folders, the recipe files
@@ -17,118 +18,20 @@ import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from doit.dependency import FileChangedChecker
-
-from pipeline.console import Reporter
-from pipeline.recipe import Recipe, RecipeError, load_recipes
-from pipeline.stage import EVAL_PHASES, PHASES, Product, Stage
+from pipeline.core.recipe.load import Recipe, load_recipes
+from pipeline.core.recipe.schema import RecipeError
+from pipeline.core.stage import EVAL_PHASES, PHASES, Product, Stage
+from pipeline.core.uptodate import config_changed
 
 ARTIFACTS = Path("artifacts")
 DB = ARTIFACTS / "scores.duckdb"
 LEDGER = ARTIFACTS / ".ledger.sqlite"
 MANIFEST = "manifest.json"
 _ARTIFACTS_PREFIX = str(ARTIFACTS) + "/"
-TASKS_CACHE = ARTIFACTS / ".tasks.json"   # data only: see pipeline.task_cache
-
-class DigestChecker(FileChangedChecker):
-    """doit's file_dep check by content, like its md5 check: an unchanged modification time means an unchanged file,
-    a changed size a changed one; otherwise the content digest decides. The digest is a sha256 from the digest
-    cache (`pipeline.store.file_digest`), remembered by size, mtime and inode: a large file whose time changed but
-    whose bytes did not (touched, copied, restored from a CI cache) is read once, not on every no-op as with doit's
-    md5 check (which keeps the old time for a task that stays up to date), and that read also serves the run-cache
-    key of the task that uses it."""
-
-    def check_modified(self, file_path, file_stat, state):
-        from pipeline.store import file_digest
-
-        timestamp, size, digest = state
-        if file_stat.st_mtime == timestamp:
-            return False
-        if file_stat.st_size != size:
-            return True
-        return digest != file_digest(Path(file_path))
-
-    def get_state(self, dep, current_state):
-        import os
-
-        from pipeline.store import file_digest
-
-        timestamp = os.path.getmtime(dep)
-        if current_state and current_state[0] == timestamp:
-            return None
-        return timestamp, os.path.getsize(dep), file_digest(Path(dep))
-
-
-DOIT_CONFIG = {
-    "backend": "sqlite3",                 # unlike dbm, safe for several doit processes and `doit -n 2`
-    "dep_file": str(ARTIFACTS / ".doit.sqlite"),
-    "continue": True,                     # one recipe that cannot be built does not stop the others
-    "default_tasks": ["build"],
-    "reporter": Reporter,                 # one line per task and failure, then a summary (pipeline.console)
-    "check_file_uptodate": DigestChecker,  # by content: a model folder's weights are hashed once per change
-}
-
-
-class config_changed:
-    """doit `uptodate` check on a task's config section, like `doit.tools.config_changed`, but it also keeps the
-    config itself in doit's state, so `doit why` can say which key changed from what to what. State written by
-    `doit.tools.config_changed` (an md5 only) is still honoured.
-
-    A task using hub models has them under `hub_models` ({argument: "<id>[@<revision>]"}); the check compares the
-    commit each resolves to in the local Hugging Face cache (`pipeline.hf.resolved_commit`), so a branch that
-    moved there reruns the task. A commit the cache does not know (a fresh machine, a CI runner that restored
-    artifacts/ only) counts as unchanged."""
-
-    KEY = "_config"
-    HUB = "hub_models"
-
-    def __init__(self, config: dict):
-        self.config = config
-
-    def current(self, saved: str | None = None) -> dict:
-        """The config with each hub model's resolved commit; an unknown one is taken from the saved config."""
-        import json
-
-        if not self.config.get(self.HUB):
-            return self.config
-        from pipeline.hf import hub_commits
-
-        hub = hub_commits(self.config[self.HUB])
-        try:
-            before = (json.loads(saved) if saved else {}).get(self.HUB) or {}
-        except ValueError:
-            before = {}
-        for name, entry in hub.items():
-            old = before.get(name)
-            if entry["commit"] is None and isinstance(old, dict) and old.get("model") == entry["model"]:
-                entry["commit"] = old.get("commit")
-        return {**self.config, self.HUB: hub}
-
-    def _json(self, saved: str | None = None) -> str:
-        import json
-
-        return json.dumps(self.current(saved), sort_keys=True)
-
-    def configure_task(self, task):
-        task.value_savers.append(lambda: {self.KEY: self._json()})
-
-    def __call__(self, task, values):
-        saved = values.get(self.KEY)
-        if saved is not None:
-            return saved == self._json(saved)
-        legacy = values.get("_config_changed")
-        if legacy is not None:
-            import hashlib
-
-            return legacy == hashlib.md5(self._json().encode("utf-8")).hexdigest()
-        return False
-
-    def __repr__(self):
-        return f"config_changed({self.config!r})"
 
 
 def _clean(out: Path):
-    from pipeline.runner import remove_output
+    from pipeline.core.runner import remove_output
 
     return (remove_output, [str(out)])
 
@@ -157,7 +60,7 @@ class ModelSource:
 
     @property
     def location(self) -> str:
-        """The folder (relative to the project root), or `<hub id>[@<revision>]` (`pipeline.hf.split_ref`)."""
+        """The folder (relative to the project root), or `<hub id>[@<revision>]` (`pipeline.models.hf.split_ref`)."""
         if self.folder:
             return str(self.folder)
         return f"{self.external}@{self.revision}" if self.revision else self.external
@@ -243,8 +146,8 @@ class Plan:
 
     def model(self, ref: str, revision: str | None = None) -> ModelSource:
         """A model reference as a ModelSource: `builtin:<name>` is an artifact the project builds; a folder under
-        recipes/ (the recipe validated it: `pipeline.recipe._check_model_ref`) is a local model, counted by its files;
-        anything else a hub id, at `revision`."""
+        recipes/ (the recipe validated it: `pipeline.core.recipe.checks._check_model_ref`) is a local model, counted
+        by its files; anything else a hub id, at `revision`."""
         if ref.startswith("builtin:"):
             self.project.builtin_refs.add(ref)
             return ModelSource(ref, builtin_folder(ref), None)
@@ -264,7 +167,7 @@ class Plan:
     def models(self) -> dict[str, ModelSource]:
         """The models a recipe evaluates, by role: `base`, each training stage's model by the stage's name (in
         training order), then the extra models of `[eval.models]` (`recipe:<name>` is that recipe's final model)."""
-        from pipeline.recipe import train_order
+        from pipeline.core.recipe.load import train_order
 
         out = {"base": self.base_model()}
         trained = {p.name: p for p in self.products("model")}
@@ -282,7 +185,7 @@ class Plan:
 
     def final(self) -> str:
         """The role of the recipe's final model: its last training stage, or `base` when it trains nothing."""
-        from pipeline.recipe import train_order
+        from pipeline.core.recipe.load import train_order
 
         order = train_order(self.recipe.config)
         return order[-1] if order else "base"
@@ -290,7 +193,7 @@ class Plan:
     def comparisons(self) -> list[tuple[str, str]]:
         """The pairs of models the recipe compares: each training stage with the model it started from (base →
         sft → dpo), then the final model with each `[eval.models]` model."""
-        from pipeline.recipe import train_order
+        from pipeline.core.recipe.load import train_order
 
         train = self.recipe.config["train"]
         pairs = [(train[n]["from"], n) for n in train_order(self.recipe.config)]
@@ -357,7 +260,7 @@ class Plan:
 
 def _action(kwargs: dict):
     """The doit python-action running one stage (the runner imports the stage's heavy libraries only then)."""
-    from pipeline.runner import run_stage
+    from pipeline.core.runner import run_stage
 
     return (run_stage, [], kwargs)
 
@@ -479,62 +382,3 @@ class Project:
             yield {"name": name, "doc": f"evaluate the variants of the sweep {name} and write its table",
                    "actions": None,
                    "task_dep": [f"eval:{v.name}" for v in variants] + self._sweep_summary_tasks(name)}
-
-
-def _fingerprint(root: Path) -> str:
-    """What the task list is made from: every file under recipes/ and of the pipeline package, and dodo.py, by
-    path, size and modification time."""
-    import hashlib
-    import os
-
-    entries = []
-    for top in (root / "recipes", Path(__file__).parent, root / "dodo.py"):
-        if top.is_file():
-            st = top.stat()
-            entries.append((str(top), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-            continue
-        for folder, dirs, files in os.walk(top):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for f in sorted(files):
-                st = os.stat(os.path.join(folder, f))
-                entries.append((os.path.join(folder, f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    return hashlib.sha256(repr(entries).encode()).hexdigest()
-
-
-def creators(root: Path) -> dict:
-    """`task_<basename>` functions for dodo.py's namespace: one per stage basename, then `build` and `eval`.
-
-    Validating 50 recipes and walking them through the stages takes longer than doit's own no-op check, so the
-    resulting task list is kept in `artifacts/.tasks.json`, keyed by `_fingerprint` (every recipe file, every
-    pipeline source, dodo.py). Any edit there rebuilds it; an invalid recipe is never cached. The file is data
-    only (`pipeline.task_cache`): a planted or corrupted one is ignored and rebuilt, never executed."""
-    import os
-    import sys
-    import time
-
-    from pipeline import task_cache
-    from pipeline.store import hold_checkout
-
-    root = Path(root)
-    hold_checkout(root / ARTIFACTS, sys.argv[1:])
-    os.environ.setdefault("TUNEBUILD_BUILD", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}-{os.getpid()}")
-    cache = root / TASKS_CACHE
-    key = _fingerprint(root)
-    table = task_cache.load(cache, key)
-    if table is None:
-        project = Project(root)
-        table = project.task_table()
-        for error in project.errors:  # bad recipe files: one line each, at the top; not cached, so said each time
-            print(f"tunebuild: {error}", file=sys.stderr, flush=True)
-        if not project.errors:
-            cache.parent.mkdir(exist_ok=True)
-            task_cache.save(cache, key, table)
-    return {f"task_{base}": _creator(base, doc, tasks) for base, doc, tasks in table}
-
-
-def _creator(basename: str, doc: str, tasks: list[dict]):
-    def create():
-        yield from tasks
-    create.__doc__ = doc
-    create.__name__ = f"task_{basename}"
-    return create

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.store import digest_json
+from pipeline.digests import digest_json
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 doit decides *what* runs; this module decides *where*. A task's identity (its run-cache key, its manifest) never
 depends on that: not the host, the GPU ids, the port or the job id.
 
-- `TUNEBUILD_EXECUTOR=local` (the default): the task leases its GPUs (`pipeline.gpus`: exclusive across doit
-  workers and doit processes, released however its holder ends), then runs `python -m pipeline.executor` with
+- `TUNEBUILD_EXECUTOR=local` (the default): the task leases its GPUs (`pipeline.core.gpus`: exclusive across doit
+  workers and doit processes, released however its holder ends), then runs `python -m pipeline.core.executor` with
   `CUDA_VISIBLE_DEVICES` set to exactly those ids, a free `MASTER_PORT` and `MASTER_ADDR=127.0.0.1`. The child
   dies with its parent (PR_SET_PDEATHSIG), and holds the lease descriptors too. Its output streams to the
   terminal and to `artifacts/.logs/<task>.log`.
-- `TUNEBUILD_EXECUTOR=slurm`: the task is a Slurm job (`pipeline.slurm`); the job runs the same child on the
+- `TUNEBUILD_EXECUTOR=slurm`: the task is a Slurm job (`pipeline.core.slurm`); the job runs the same child on the
   shared project folder.
 - A task whose output the run cache holds is restored in the doit process: no GPU, no child, no job.
 - The child restores or computes the output with the runner's rules (temporary folder, manifest last, scratch
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from pipeline.console import verbose
+from pipeline.core.console import verbose
 from pipeline.errors import TunebuildError
 
 RUNS_LOG = Path("artifacts") / "runs.jsonl"
@@ -85,7 +85,7 @@ def executor_name() -> str:
 
 def run_heavy(task: dict):
     """The doit action of a heavy task: restore it here, or run it where the executor says."""
-    from pipeline.runner import UNAVAILABLE, CannotRunHere, cached, compute_stage, failure
+    from pipeline.core.runner import UNAVAILABLE, CannotRunHere, cached, compute_stage, failure
 
     label = task["label"]
     started = now()
@@ -107,7 +107,7 @@ def run_heavy(task: dict):
         log = LOGS / f"{safe_name(label)}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         if name == "slurm":
-            from pipeline import slurm
+            from pipeline.core import slurm
 
             error = slurm.run(task, spec, result, log, started)
         else:
@@ -126,7 +126,7 @@ def run_heavy(task: dict):
 def missing_hub_model(hub: dict) -> str | None:
     """Why a task's hub model cannot be had here (not in the local Hugging Face cache, and the hub unreachable),
     or None. Cheap: a folder lookup, and a connection attempt only for a model the cache lacks."""
-    from pipeline import hf
+    from pipeline.models import hf
 
     for ref in hub.values():
         hub_id, revision = hf.split_ref(ref)
@@ -170,11 +170,11 @@ def _relay(src, writers: list, done: threading.Event | None = None) -> None:
 
 
 def child_command(spec: Path, result: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.executor", str(spec), str(result)]
+    return [sys.executable, "-m", "pipeline.core.executor", str(spec), str(result)]
 
 
 def _run_local(task: dict, spec: Path, result: Path, log: Path, started: float) -> str | None:
-    from pipeline import gpus
+    from pipeline.core import gpus
 
     label = task["label"]
     available = gpus.pool()
@@ -236,11 +236,11 @@ def show_tail(log: Path, lines: int = 25) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """The child: `python -m pipeline.executor SPEC RESULT` computes one stage task and writes RESULT."""
+    """The child: `python -m pipeline.core.executor SPEC RESULT` computes one stage task and writes RESULT."""
     spec, result = Path(argv[0]), Path(argv[1])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a Slurm job picks its port on its own node
-        from pipeline.gpus import free_port
+        from pipeline.core.gpus import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ["TUNEBUILD_IN_CHILD"] = "1"
@@ -248,7 +248,7 @@ def main(argv: list[str]) -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     bug = False
     try:
-        from pipeline.runner import compute_stage
+        from pipeline.core.runner import compute_stage
 
         error, how = compute_stage(**task)
     except Exception as e:  # noqa: BLE001  a bug, not a user error: the traceback goes to the log

@@ -116,7 +116,7 @@ def hub_commits(refs: dict) -> dict:
 def model_identity(ref) -> str:
     """What a model is, for lineage: `sha256:<digest>` of a folder's content (an artifact's manifest, or a local
     folder's files), or `hub:<id>@<commit>` (the revision asked for when the commit is not known)."""
-    from pipeline.store import input_digest
+    from pipeline.digests import input_digest
 
     if Path(ref).is_dir():
         return f"sha256:{input_digest(Path(ref))}"

@@ -4,7 +4,7 @@ The runner knows no stage by name: the task's action names the stage module, its
 config; the module's `run(out_dir, *, config, **inputs)` computes the output. A module may also define
 `localize(out_dir, **inputs)`: the files of a finished output that are this task's own (an adapter naming its
 recipe's start folder); the run cache keeps the portable content and the task's folder gets those files
-(`pipeline.store.localize`).
+(`pipeline.core.store.localize`).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
+from pipeline.core.store import build_cached, cache_key, is_complete
+from pipeline.digests import input_digest
 from pipeline.errors import TunebuildError, Unavailable
-from pipeline.store import build_cached, cache_key, input_digest, is_complete
 
 CACHE = Path("artifacts") / ".cache"
 SCRATCH = Path("artifacts") / ".scratch"   # resumable progress of long stages, keyed like the run cache
@@ -59,7 +60,7 @@ def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: d
     its path, so the same work under another recipe's name has the same key."""
     extra = {}
     if hub:
-        from pipeline.hf import hub_commits
+        from pipeline.models.hf import hub_commits
 
         extra = {f"hub:{k}": v["commit"] for k, v in hub_commits(hub).items()}
     return cache_key(stage, version, config, {**_digest(inputs), **params, **extra})
@@ -72,7 +73,7 @@ def run_stage(**kwargs):
     """The doit action of every stage task. A light stage runs here, in the doit process; a heavy one (its
     contract asks for GPUs) goes to the executor, which runs `compute_stage` in a child process or a Slurm job
     holding the task's GPUs. Either way one line goes to `artifacts/runs.jsonl`."""
-    from pipeline import executor
+    from pipeline.core import executor
 
     task = {k: v for k, v in kwargs.items() if k not in _DOIT_KEYWORDS}
     if task.get("heavy") and not executor.in_child():

@@ -22,7 +22,7 @@ import re
 from pathlib import PurePosixPath
 
 _STAGE_RUN = re.compile(r"pipeline\.stages\.[a-z_][a-z0-9_]*:run")
-_FIXED = {"pipeline.runner:run_stage", "pipeline.runner:remove_output", "os.path:exists"}
+_FIXED = {"pipeline.core.runner:run_stage", "pipeline.core.runner:remove_output", "os.path:exists"}
 TASK_KEYS = {"name", "doc", "file_dep", "targets", "actions", "uptodate", "clean", "verbosity", "task_dep", "meta"}
 META_KEYS = {"recipe", "summary"}
 
@@ -56,7 +56,7 @@ def _resolve(ref: str):
 
 
 def encode(obj):
-    from pipeline.graph import config_changed
+    from pipeline.core.uptodate import config_changed
 
     if isinstance(obj, config_changed):
         return {"$config_changed": encode(obj.config)}
@@ -100,7 +100,7 @@ class _Decoder:
                 if tag == "$fn" and isinstance(value, str):
                     return _Fn(value)
                 if tag == "$config_changed" and isinstance(value, dict):
-                    from pipeline.graph import config_changed
+                    from pipeline.core.uptodate import config_changed
 
                     return config_changed(value)
                 raise CacheInvalid(f"unknown tag {tag}")
@@ -139,13 +139,13 @@ def _check_call(item, *, what: str):
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise CacheInvalid(f"{what}: malformed arguments")
     ref = _ref(fn)
-    if ref == "pipeline.runner:run_stage":
+    if ref == "pipeline.core.runner:run_stage":
         if args or not isinstance(kwargs.get("module"), str) or not _STAGE_RUN.fullmatch(kwargs["module"] + ":run"):
             raise CacheInvalid(f"{what}: run_stage of {kwargs.get('module')!r}")
         _relative(kwargs.get("out"), under="artifacts")
         _strings(kwargs.get("inputs", {}), _relative)
         _strings(kwargs.get("unkeyed", {}), lambda v: _relative(v) if isinstance(v, str) else v)  # ledger, db, logs
-    elif ref == "pipeline.runner:remove_output":
+    elif ref == "pipeline.core.runner:remove_output":
         if len(args) != 1 or kwargs:
             raise CacheInvalid(f"{what}: remove_output arguments")
         _relative(args[0], under="artifacts")
@@ -161,7 +161,7 @@ def _check_call(item, *, what: str):
 def check_task(task: dict) -> tuple[dict, int]:
     """The task with its callables resolved, and how many tagged values it holds in the places a task may hold
     them; raise CacheInvalid unless it is made only of what the graph makes."""
-    from pipeline.graph import config_changed
+    from pipeline.core.uptodate import config_changed
 
     if not isinstance(task, dict) or set(task) - TASK_KEYS or not isinstance(task.get("name"), str):
         raise CacheInvalid("not a task")

@@ -4,7 +4,7 @@ A stage is one module in `pipeline/stages/` holding, next to its code, its contr
 
     STAGE = Stage(name="filter", version=3, phase="data", section="filter", doc="...")
 
-    def tasks(plan):          # declare this stage's tasks for one recipe (`plan` is a `pipeline.graph.Plan`)
+    def tasks(plan):          # declare this stage's tasks for one recipe (`plan` is a `pipeline.core.graph.Plan`)
         ...yield plan.task(STAGE, name, out, inputs=..., config=..., provides=...)
 
     def run(out_dir, *, config, **inputs):   # compute the output into out_dir (heavy imports inside)
@@ -34,9 +34,10 @@ class Stage:
     verbosity: int = 2           # doit verbosity of its tasks (1: doit captures stdout)
     in_build: bool = True        # part of `doit build:<recipe>` (False: run only when named, e.g. `chat:<recipe>`)
     # What its work needs. None: a light stage; it runs in the doit process and never holds a GPU. Otherwise a heavy
-    # stage, run by the executor (`pipeline.executor`) in a child process or a Slurm job: an int is a fixed number of
-    # GPUs; a string is the recipe key that gives the number ("train.<name>.gpus"): its last part is read from the
-    # task's config section (and kept out of its run-cache key), or the stage hands it to `plan.task(gpus=...)`.
+    # stage, run by the executor (`pipeline.core.executor`) in a child process or a Slurm job: an int is a fixed
+    # number of GPUs; a string is the recipe key that gives the number ("train.<name>.gpus"): its last part is read
+    # from the task's config section (and kept out of its run-cache key), or the stage hands it to
+    # `plan.task(gpus=...)`.
     # Unset in the recipe: 1 where GPUs exist, 0 on a CPU machine (decided when the task runs).
     gpus: int | str | None = None
 

@@ -20,7 +20,7 @@ def save(fig, path: Path) -> None:
 
 
 def similarity_histogram(path: Path, histogram: dict, *, threshold: float, title: str) -> None:
-    """Histogram of each instruction's highest ROUGE-L against the texts before it, from `pipeline.rouge.dedup`'s
+    """Histogram of each instruction's highest ROUGE-L against the texts before it, from `pipeline.data.rouge.dedup`'s
     `histogram` dict: kept (blue) and dropped (red) per bin, stacked. Bins whose kept count is a sampled estimate
     are drawn lighter and hatched, with ±1 standard error, and the legend gives the sample size and seed."""
     plt = _pyplot()

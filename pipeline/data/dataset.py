@@ -30,7 +30,7 @@ def declared_kind(d: dict, recipes_dir: Path) -> tuple[str | None, str]:
     anything is built: generated data is SFT; a `format` says it; a local file with format = 'auto' is recognised
     from its first rows. (None, '') where the import alone can tell: a hub dataset with format = 'auto', or a file
     that cannot be read or recognised (the import names the problem)."""
-    from pipeline.formats import kind_of_format
+    from pipeline.data.formats import kind_of_format
 
     if d["source"] == "generate":
         return "sft", "source = 'generate'"
@@ -47,7 +47,8 @@ def declared_kind(d: dict, recipes_dir: Path) -> tuple[str | None, str]:
 
 @functools.lru_cache(maxsize=64)
 def _recognised(path: str, mtime_ns: int, size: int, columns: tuple) -> str | None:
-    from pipeline.formats import detect, head_rows
+    from pipeline.data.detect import detect
+    from pipeline.data.read import head_rows
 
     try:
         return detect(head_rows(Path(path), 20), dict(columns) or None)
@@ -112,7 +113,7 @@ def lengths_png(path: Path, records: list[dict], title: str) -> None:
     """Histograms of prompt and response lengths (characters, log-spaced bins)."""
     import numpy as np
 
-    from pipeline.plots import _pyplot, save
+    from pipeline.evaluation.plots import _pyplot, save
 
     plt = _pyplot()
     pairs = [_prompt_response(r) for r in records]

@@ -1,10 +1,10 @@
-"""What the training stages (sft, dpo) share: declaring a `[train.<name>]` task, the dataset mixture, loading the
-model for a fine-tuning mode (lora, qlora, full, freeze), the trainer's common arguments, the log history, and
-saving a model folder that loads anywhere.
+"""What the training stages (sft, dpo) share when they run: the dataset mixture, loading the model for a
+fine-tuning mode (lora, qlora, full, freeze), the trainer's common arguments, resuming from checkpoints, the log
+history, and saving a model folder that loads anywhere. Heavy imports (torch, transformers, peft) happen inside the
+functions.
 
-Where a trained model lives is a convention both the training stages and the merge stage follow: the model of
-training stage `<name>` is `artifacts/<recipe>/models/<name>/` (an adapter is merged there; full and freeze stages
-write their weights there directly), so a stage can start `from` another whatever the order the graph asks them in.
+Declaring the training stages' tasks, and where a trained model lives, is the build core's part:
+`pipeline.core.train_tasks`.
 """
 from __future__ import annotations
 
@@ -18,67 +18,6 @@ LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rej
             "rewards/accuracies")
 
 
-# -- declaring tasks (light: runs when dodo.py loads) -----------------------------------------------------------
-def model_folder(plan, name: str):
-    """The folder of training stage `name`'s model (merged or full), by the convention above."""
-    return plan.out("models", name)
-
-
-def start_model(plan, t: dict):
-    """The ModelSource a training stage starts from: the recipe's base, or another stage's model folder."""
-    if t["from"] == "base":
-        return plan.base_model()
-    return plan.artifact_model(f"{plan.name}/{t['from']}", model_folder(plan, t["from"]))
-
-
-def mixture(recipe, t: dict, kind: str) -> list[dict]:
-    """`data` as [{name, limit, weight}]; when empty, every dataset of the recipe whose format is of `kind`."""
-    from pipeline.formats import PREFERENCE_FORMATS
-
-    items = t["data"]
-    if not items:
-        items = [n for n, d in sorted(recipe.config["data"].items())
-                 if (d["format"] in PREFERENCE_FORMATS) == (kind == "preference") or d["format"] == "auto"]
-    return [{"name": i, "limit": 0, "weight": 1.0} if isinstance(i, str) else
-            {"name": i["name"], "limit": i.get("limit", 0), "weight": float(i.get("weight", 1.0))} for i in items]
-
-
-def train_tasks(plan, stage, method: str, kind: str, doc: str):
-    """One task per `[train.<name>]` with this method: inputs are the start model, the datasets and the chat
-    template; an adapter is provided as `trained` (the merge stage makes its model), full weights as `model`."""
-    from pipeline.recipe import RecipeError, train_order
-
-    r = plan.recipe
-    for name in train_order(r.config):
-        t = plan.section("train")[name]
-        if t["method"] != method:
-            continue
-        mix = mixture(r, t, kind)
-        datasets = {}
-        for m in mix:
-            p = plan.product("dataset", m["name"])
-            if p is None:
-                raise RecipeError(f"{r.path}: train.{name}.data: no dataset named {m['name']!r}")
-            datasets[m["name"]] = p.out
-        if not datasets:
-            raise RecipeError(f"{r.path}: train.{name}.data: the recipe has no {kind} dataset to train on")
-        src = start_model(plan, t)
-        inputs, params = src.as_arg("base_model")
-        inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
-        config = {**{k: v for k, v in t.items() if k != "report_to"}, "data": mix}
-        adapter = t["finetuning"] in ADAPTER_MODES
-        out = plan.out(stage, name) if adapter else model_folder(plan, name)
-        info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
-                "ref": f"{r.name}/{name}", "finetuning": t["finetuning"], "method": method, "log": str(out)}
-        yield plan.task(stage, f"{r.name}.{name}", out, inputs=inputs, params=params, config=config,
-                        # names, for messages only: the run-cache key holds the start model's content digest,
-                        # never the recipe's or the stage's name, so copies and sweep variants share the training
-                        unkeyed={"report_to": t["report_to"], "base_ref": src.ref, "stage_name": name},
-                        provides=("trained" if adapter else "model", name, info),
-                        doc=doc.format(name=name, base=src.ref, finetuning=t["finetuning"]))
-
-
-# -- running (heavy imports inside) ------------------------------------------------------------------------------
 def take(records: list[dict], limit: int, weight: float, seed: str) -> list[dict]:
     """A dataset's share of the mixture: the first `limit` records (0: all), then `weight` times over (whole
     copies, plus a fixed sample for the fraction)."""
@@ -92,7 +31,7 @@ def take(records: list[dict], limit: int, weight: float, seed: str) -> list[dict
 
 def load_mixture(data: dict, mix: list[dict], kind: str, where: str) -> list[dict]:
     """The training records of the mixture, in the mixture's order; each dataset must be of `kind`."""
-    from pipeline.dataset import kind_of, read_records
+    from pipeline.data.dataset import kind_of, read_records
 
     out = []
     for m in mix:
@@ -141,7 +80,7 @@ def load_for_training(base_model: str, base_ref: str, t: dict, where: str):
     import torch
     from peft import LoraConfig
 
-    from pipeline.hf import load_causal_lm
+    from pipeline.models.hf import load_causal_lm
 
     mode = t["finetuning"]
     if mode == "qlora":
@@ -289,7 +228,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn under the tokenizer's chat template (`<|im_end|>`, `<|eot_id|>`,
     `<end_of_turn>`, `</s>`, ...), found by rendering a probe conversation: the first special token after the
     answer in the assistant's span; plus the tokenizer's EOS."""
-    from pipeline.templates import assistant_spans
+    from pipeline.finetuning.chat_templates import assistant_spans
 
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     probe = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
@@ -342,7 +281,7 @@ def finish(out_dir: Path, trainer, tokenizer, peft_config, base_model: str, temp
            summary: dict) -> dict:
     """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary (with the start
     model's identity: its content digest, or the hub id and the commit it resolved to)."""
-    from pipeline.hf import model_identity
+    from pipeline.models.hf import model_identity
 
     result, resumed, log = fitted
     start = model_identity(base_model)
@@ -369,7 +308,7 @@ def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str)
     to; a folder by its content digest (`start`, `sha256:...`), never by its path, which holds the recipe's name
     (`artifacts/<recipe>/models/sft`). That is the run cache's copy; `localize_adapter` then names the folder in
     each recipe's own output, where AutoPeftModelForCausalLM resolves it from the project root."""
-    from pipeline.hf import split_ref
+    from pipeline.models.hf import split_ref
 
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

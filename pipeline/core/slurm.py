@@ -14,7 +14,7 @@ Settings (environment variables, all optional, read when a task runs):
 Why `sbatch` / `scontrol` / `scancel` directly and not submitit: submitit learns a job's end from `sacct`, which
 needs accounting (slurmdbd and a database) that many clusters and every single-node Slurm lack ("Slurm accounting
 storage is disabled"), and it pickles the function it runs. Here the job runs a plain command
-(`python -m pipeline.executor SPEC RESULT`, the same child the local executor starts), its state comes from
+(`python -m pipeline.core.executor SPEC RESULT`, the same child the local executor starts), its state comes from
 `scontrol show job` (no accounting needed) and its outcome from the RESULT file it writes on the shared folder.
 
 The job writes the artifact itself with the runner's rules (temporary folder, manifest last), so a job killed
@@ -106,7 +106,7 @@ def _tail(log: Path, stop: threading.Event) -> None:
 
 def run(task: dict, spec: Path, result: Path, log: Path, started: float) -> str | None:
     """Submit the task, wait for its job, and return its one-line error (None on success)."""
-    from pipeline.executor import child_command, log_run, now, read_result
+    from pipeline.core.executor import child_command, log_run, now, read_result
 
     label = task["label"]
     poll = float(os.environ.get("TUNEBUILD_SLURM_POLL", "2") or 2)
@@ -123,7 +123,7 @@ def run(task: dict, spec: Path, result: Path, log: Path, started: float) -> str 
         return f"{label}: sbatch refused the job: {why}"
     job_id = submit.stdout.strip().split(";")[0]
     print(f"{label}: submitted as Slurm job {job_id} (log: {log})", file=sys.stderr, flush=True)
-    from pipeline.console import verbose
+    from pipeline.core.console import verbose
 
     stop = threading.Event()
     tail = threading.Thread(target=_tail, args=(log, stop), daemon=True)

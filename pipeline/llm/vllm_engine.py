@@ -1,7 +1,7 @@
 """Greedy generation with vLLM: a whole list of already-rendered prompts in one call.
 
 `generate(model_path, prompts, max_new_tokens=..., stop_token_ids=...)` returns the decoded completions, in the
-prompts' order, the way `pipeline.generation.HFEngine` decodes them: prompts are tokenized without special tokens
+prompts' order, the way `pipeline.llm.generation.HFEngine` decodes them: prompts are tokenized without special tokens
 (and cut from the left to leave room for `max_new_tokens` in the context, as HFEngine does), decoding is greedy
 with no penalties, a completion ends at any of its stop token ids (the generation config's EOS ids plus the
 tokenizer's EOS when `stop_token_ids` is None) or after `max_new_tokens`, the stop token is not part of it, and
@@ -271,7 +271,7 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int, stop_t
     if not prompts:
         return []
     _require()
-    from pipeline.hf import load_tokenizer, split_ref
+    from pipeline.models.hf import load_tokenizer, split_ref
 
     tokenizer = load_tokenizer(str(model_path))
     name, revision = split_ref(str(model_path))

@@ -1,0 +1,1 @@
+"""Recipes: the schema of their keys, loading them (extends, validation), sweeps, and the checks across keys."""
