@@ -78,6 +78,25 @@ def _gpus(what: str) -> Key:
     return Key(int, None, min=0, doc=f"GPUs {what} holds (unset: 1 where GPUs exist, 0 on a CPU machine); where "
                                     "a task runs, not what it computes: outside the run-cache key")
 
+def _engine(what: str) -> Key:
+    return Key(str, "hf", choices=("hf", "vllm"),
+               doc=f"{what}: hf (transformers, batched; always installed) or vllm (pip install vllm, see README: "
+                   f"Generation engines); the engine and its version are part of what a task computes")
+
+
+def _vllm(section: str) -> dict:
+    return {
+        "tensor_parallel_size": Key(int, None, min=1, doc=f"GPUs vLLM splits the model over (unset: the task's GPUs, "
+                                                          f"{section}.gpus; 1 on a CPU); outside the run-cache key"),
+        "gpu_memory_utilization": Key(float, None, above=0, max=1,
+                                      doc="share of each GPU's memory vLLM may take (unset: vLLM's 0.9); on a CPU "
+                                          "the KV cache is sized from the prompts instead; outside the run-cache key"),
+        "max_model_len": Key(int, None, min=16, doc="the context vLLM allocates; a longer prompt is cut from the "
+                                                    "left (unset: the model's for lm-eval suites; what the prompts "
+                                                    "need, at most the model's, for answers and generation)"),
+    }
+
+
 SCHEMA: dict = {
     "description": Key(str, ""),
     "extends": Key(str, None, doc="another recipe file (relative to this one) whose keys this one overrides"),
@@ -146,6 +165,8 @@ SCHEMA: dict = {
         "instance_max_tokens": Key(int, 300, min=1),
         "seed": Key(int, 42),
         "gpus": _gpus("a generation task with backend = 'local'"),
+        "engine": _engine("what runs the local generator (backend = 'local')"),
+        "vllm": _vllm("generate"),
     },
     "filter": {
         "rouge_threshold": Key(float, 0.7, above=0, max=1),
@@ -210,6 +231,9 @@ SCHEMA: dict = {
         "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
         "heldout_max_items": Key(int, 200, min=1),
         "gpus": _gpus("each evaluation, answers or local-judge task"),
+        "engine": _engine("what generates in [eval]: the lm-eval suites (lm-eval's hf or vllm model type), the "
+                          "judge's answers and a local judge (the held-out loss is always transformers')"),
+        "vllm": _vllm("eval"),
         "judge": {
             "enabled": Key(bool, False, doc="LLM-as-judge: tuned vs base answers on an instruction set"),
             "mode": Key(str, "pairwise", choices=("pairwise", "single")),
@@ -242,6 +266,7 @@ SCHEMA: dict = {
             "limit": Key(int, 0, min=0, doc="0: all documents"),
             "apply_chat_template": Key(bool, False),
             "max_gen_toks": Key(int, 0, min=0, doc="0: each task's own generation_kwargs"),
+            "engine": Key(str, None, choices=("hf", "vllm"), doc="this suite's engine (unset: eval.engine)"),
             "categories": Key(str, None, file=True,
                               doc="JSON file: subject (lm-eval task name) -> category or list of categories"),
         }),
@@ -771,13 +796,41 @@ def _check_generate(path: Path, c: dict) -> None:
         raise RecipeError(f"{path}: generate.model: {g['model']!r} is a built-in model; set generate.backend = 'local'")
     if g["style"] == "self_instruct" and not 0 < g["num_machine_in_prompt"] < g["num_prompt_instructions"]:
         raise RecipeError(f"{path}: generate.num_machine_in_prompt: expected 1..num_prompt_instructions-1")
+    _check_engine(path, "generate", g, g["engine"] == "vllm")
+    if g["engine"] == "vllm" and g["backend"] != "local":
+        raise RecipeError(f"{path}: generate.engine: 'vllm' runs a local model; expected backend = 'local' (an "
+                          f"OpenAI-compatible endpoint, vLLM's own server included, generates on its side)")
     if g["style"] == "alpaca" and not 0 < g["num_prompt_instructions"] < 20:
         raise RecipeError(f"{path}: generate.num_prompt_instructions: expected 1..19 seed tasks in an alpaca "
                           f"prompt of 20 tasks")
 
 
+def _check_engine(path: Path, section: str, c: dict, used: bool) -> None:
+    """A section's [vllm] settings apply only where its engine is vllm, and split the model over at most the
+    GPUs its tasks hold."""
+    settings = {k: v for k, v in c["vllm"].items() if v is not None}
+    if settings and not used:
+        where = "eval.engine or an eval.suites.<name>.engine" if section == "eval" else "generate.engine"
+        raise RecipeError(f"{path}: {section}.vllm.{sorted(settings)[0]}: only for the vllm engine (set {where} "
+                          f"= 'vllm')")
+    tp = settings.get("tensor_parallel_size")
+    if tp and c["gpus"] is not None and tp > c["gpus"]:
+        raise RecipeError(f"{path}: {section}.vllm.tensor_parallel_size: expected at most {section}.gpus "
+                          f"({c['gpus']}, the GPUs each task holds), got {tp}")
+
+
 def _check_eval(path: Path, c: dict) -> None:
     j = c["eval"]["judge"]
+    ev = c["eval"]
+    engines = {name: sc["engine"] or ev["engine"] for name, sc in ev["suites"].items()}
+    vllm_generates = ev["engine"] == "vllm" and j["enabled"]
+    _check_engine(path, "eval", ev, vllm_generates or "vllm" in engines.values())
+    if ev["engine"] == "vllm" and not vllm_generates and "vllm" not in engines.values():
+        raise RecipeError(f"{path}: eval.engine: 'vllm' but nothing in [eval] generates with it (no suite on it and "
+                          f"eval.judge.enabled = false; the held-out loss is always computed with transformers)")
+    if ev["device"] != "auto" and engines and "hf" not in engines.values():
+        raise RecipeError(f"{path}: eval.device: only for suites on the hf engine (every suite runs on vllm, which "
+                          f"picks the device it was built for)")
     if j["enabled"]:
         for key in ("instructions", "prompt"):
             if not j[key]:
