@@ -23,6 +23,35 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+def make_wide_model(out: Path, seed: int = 0) -> Path:
+    """A tiny Llama (2 layers, hidden 64, 2 heads of 32, 1 KV head) with the built-in byte-level tokenizer and
+    ChatML template: heads vLLM's CPU attention kernel takes (the built-in tiny model's 16 it refuses), weights
+    initialised wide (std 0.3) so that greedy answers vary from token to token instead of repeating one byte."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from pipeline import tiny
+
+    tok = tiny.byte_level_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=0.3,
+                         dtype="float32")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wide_model(tmp_path_factory):
+    return make_wide_model(tmp_path_factory.mktemp("vllm") / "wide")
+
+
 @pytest.fixture
 def openai_server():
     with FakeOpenAI() as server:

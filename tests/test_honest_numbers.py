@@ -170,8 +170,8 @@ def test_the_answers_stage_counts_empty_answers(tmp_path, tiny_model, capsys):
                       config={"answer_max_tokens": 4, "judge_max_items": 0})
     assert [json.loads(x)["answer"] for x in (out / "answers.jsonl").read_text().splitlines()] == [""] * 3
     summary = json.loads((out / "summary.json").read_text())
-    assert summary == {"answers": 3, "empty": 3, "empty_ids": ["i0", "i1", "i2"]}
-    assert 'answers: 3 answers, 3 empty (""): every answer is empty' in capsys.readouterr().out
+    assert summary == {"answers": 3, "empty": 3, "empty_ids": ["i0", "i1", "i2"], "engine": "hf"}
+    assert 'answers: 3 answers (hf), 3 empty (""): every answer is empty' in capsys.readouterr().out
 
 
 def _heldout_result(folder, losses, *, model_dir):
@@ -236,7 +236,7 @@ def test_n_of_a_group_is_counted_never_none(tmp_path, tiny_model):
     (tmp_path / "report").mkdir()
     report.run(tmp_path / "report", recipe="r", db=db, scores=tmp_path / "s", config={})
     text = (tmp_path / "report/comparison.md").read_text()
-    assert "| subjects | tb_subjects | acc | 18 |" in text and "None" not in text
+    assert "| subjects | tb_subjects | acc | hf | 18 |" in text and "None" not in text
 
 
 def test_base_to_final_and_training_curves_in_training_order(tmp_path):

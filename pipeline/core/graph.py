@@ -203,7 +203,7 @@ class Plan:
     def task(self, stage: Stage, name: str, out: Path, *, inputs: dict | None = None, params: dict | None = None,
              unkeyed: dict | None = None, config: dict | None = None, provides: tuple[str, str, dict] | None = None,
              doc: str = "", uptodate: tuple = (), file_dep: tuple = (), gpus: int | None = None,
-             meta: dict | None = None) -> dict:
+             meta: dict | None = None, engine: str | None = None) -> dict:
         """One doit task dict running `stage` into `out`.
 
         inputs: argument name -> path (or a dict of name -> path): artifact folders (their manifest becomes a
@@ -213,7 +213,10 @@ class Plan:
         gpus: how many GPUs a heavy stage's task needs (None: the stage's config key, else the machine's default);
         it never enters the run-cache key or the up-to-date check: where a task runs is not what it is.
         meta: what the build's summary reads about the task (doit's task `meta`): `recipe` (default: the plan's),
-        `summary` (a text file of its output whose lines the build ends with). Never part of the key."""
+        `summary` (a text file of its output whose lines the build ends with). Never part of the key.
+        engine: the generation engine the task runs (`pipeline.llm.engines`) when it is not the default one: its
+        version (`engines.identity`, found when the task is checked or run, never when it is declared) enters the
+        run-cache key and the up-to-date check, as a hub model's commit does."""
         inputs, params, config = inputs or {}, params or {}, config if config is not None else {}
         if stage.gpus_key and stage.gpus_key in config:
             config = dict(config)
@@ -225,13 +228,17 @@ class Plan:
         for path in _paths(inputs):
             deps += self.project.deps_of(path)
         hub = {k: str(v) for k, v in params.items() if isinstance(v, HubRef)}
+        from pipeline.llm.engines import DEFAULT as DEFAULT_ENGINE
+
+        engine = engine if engine not in (None, DEFAULT_ENGINE) else None
         from_ = f"{stage.task_basename}:{name}"
         action = _action({
             "module": self.project.module_of[stage.name], "stage": stage.name, "version": stage.version,
             "label": from_, "out": str(out), "inputs": inputs, "params": params, "unkeyed": unkeyed or {},
             "config": config, "cache": stage.cache, **({"hub": hub} if hub else {}),
-            **({"heavy": True, "gpus": gpus} if stage.heavy else {})})
-        watched = {"stage_version": stage.version, **config, **({config_changed.HUB: hub} if hub else {})}
+            **({"engine": engine} if engine else {}), **({"heavy": True, "gpus": gpus} if stage.heavy else {})})
+        watched = {"stage_version": stage.version, **config, **({config_changed.HUB: hub} if hub else {}),
+                   **({config_changed.ENGINE: engine} if engine else {})}
         task = {"basename": stage.task_basename, "name": name, "doc": doc or stage.doc,
                 "file_dep": sorted(set(deps)), "targets": [str(out / MANIFEST)],
                 "actions": [action], "uptodate": [config_changed(watched), *uptodate],

@@ -54,15 +54,20 @@ def _as_paths(value):
 
 
 def stage_key(*, stage: str, version: int, config: dict, inputs: dict, params: dict, hub: dict | None = None,
-              **_) -> str:
-    """The run-cache key of a stage task: (stage, version, config, input digests, params) and, for its hub models,
-    the commit each resolves to in the local Hugging Face cache. Content only: a folder by its digest, never by
+              engine: str | None = None, **_) -> str:
+    """The run-cache key of a stage task: (stage, version, config, input digests, params), for its hub models the
+    commit each resolves to in the local Hugging Face cache, and for a task on another engine than the default
+    one that engine and its version (`pipeline.llm.engines.identity`). Content only: a folder by its digest, never by
     its path, so the same work under another recipe's name has the same key."""
     extra = {}
     if hub:
         from pipeline.models.hf import hub_commits
 
         extra = {f"hub:{k}": v["commit"] for k, v in hub_commits(hub).items()}
+    if engine:
+        from pipeline.llm.engines import identity
+
+        extra["engine"] = identity(engine)
     return cache_key(stage, version, config, {**_digest(inputs), **params, **extra})
 
 
@@ -86,14 +91,15 @@ def run_stage(**kwargs):
 
 def compute_stage(*, module: str, stage: str, version: int, label: str, out: str, inputs: dict, params: dict,
                   unkeyed: dict, config: dict, cache: bool = True, hub: dict | None = None,
-                  **_) -> tuple[str | None, str]:
+                  engine: str | None = None, **_) -> tuple[str | None, str]:
     """Restore the task's output from the run cache or compute it, atomically. Returns (one-line error or None,
     "restored" | "computed")."""
     how = "computed"
     try:
         if not module.startswith("pipeline.stages."):  # the task list names stage modules only
             raise TunebuildError(f"{module!r} is not a stage module")
-        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params, hub=hub)
+        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params, hub=hub,
+                        engine=engine)
         stage_module = importlib.import_module(module)
         entry = stage_module.run
         kwargs = {**_as_paths(inputs), **params, **unkeyed}
@@ -126,12 +132,13 @@ def compute_stage(*, module: str, stage: str, version: int, label: str, out: str
 
 
 def cached(*, stage: str, version: int, config: dict, inputs: dict, params: dict, cache: bool = True,
-           hub: dict | None = None, **_) -> bool:
+           hub: dict | None = None, engine: str | None = None, **_) -> bool:
     """True when the run cache holds this task's output (restoring it needs no GPU and no child process)."""
     if not cache:
         return False
     try:
-        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params, hub=hub)
+        key = stage_key(stage=stage, version=version, config=config, inputs=inputs, params=params, hub=hub,
+                        engine=engine)
     except OSError:
         return False
     return is_complete(CACHE / stage / key)

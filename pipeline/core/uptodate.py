@@ -50,28 +50,40 @@ class config_changed:
 
     KEY = "_config"
     HUB = "hub_models"
+    ENGINE = "engine_version"
 
     def __init__(self, config: dict):
         self.config = config
 
     def current(self, saved: str | None = None) -> dict:
-        """The config with each hub model's resolved commit; an unknown one is taken from the saved config."""
+        """The config with each hub model's resolved commit and the generation engine's version
+        (`pipeline.llm.engines.identity`); an unknown one is taken from the saved config."""
         import json
 
-        if not self.config.get(self.HUB):
+        if not self.config.get(self.HUB) and not self.config.get(self.ENGINE):
             return self.config
-        from pipeline.models.hf import hub_commits
-
-        hub = hub_commits(self.config[self.HUB])
         try:
-            before = (json.loads(saved) if saved else {}).get(self.HUB) or {}
+            before = json.loads(saved) if saved else {}
         except ValueError:
             before = {}
-        for name, entry in hub.items():
-            old = before.get(name)
-            if entry["commit"] is None and isinstance(old, dict) and old.get("model") == entry["model"]:
-                entry["commit"] = old.get("commit")
-        return {**self.config, self.HUB: hub}
+        out = dict(self.config)
+        if self.config.get(self.HUB):
+            from pipeline.models.hf import hub_commits
+
+            hub = hub_commits(self.config[self.HUB])
+            for name, entry in hub.items():
+                old = (before.get(self.HUB) or {}).get(name)
+                if entry["commit"] is None and isinstance(old, dict) and old.get("model") == entry["model"]:
+                    entry["commit"] = old.get("commit")
+            out[self.HUB] = hub
+        if self.config.get(self.ENGINE):  # an engine not installed here (a CI runner that restored artifacts/
+            from pipeline.llm.engines import identity  # only) counts as unchanged, as an unknown hub commit does
+
+            found = identity(self.config[self.ENGINE])
+            old = before.get(self.ENGINE)
+            out[self.ENGINE] = old if found.endswith("(not installed)") and isinstance(old, str) \
+                and old.split()[0] == found.split()[0] else found
+        return out
 
     def _json(self, saved: str | None = None) -> str:
         import json

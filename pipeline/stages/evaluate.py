@@ -8,9 +8,13 @@ stderr, n; the resolved task configs, package versions and the eval settings) an
 `samples/<task>.jsonl` with every scored document. Nothing time-dependent and no absolute path is written, so a
 repeated evaluation, in any folder, gives an identical artifact.
 
-Contract: reads `[eval]` (batch_size, device) and `[eval.suites.<name>]`; consumes every model of the recipe
-(base, the trained models, `[eval.models]`); writes `artifacts/<recipe>/eval/<model>-<suite>/` and provides it
-as an `evaluation` for the scores stage.
+The suite runs on its engine (`eval.suites.<name>.engine`, else `eval.engine`): lm-eval's `hf` model type, or its
+`vllm` one (`pipeline.evaluation.vllm_lm_eval`, with `[eval.vllm]`). A vLLM evaluation's `eval_config` names the engine and
+its version (so its scores are never paired with an HF evaluation's) and its `packages` vLLM's version.
+
+Contract: reads `[eval]` (batch_size, device, engine, vllm) and `[eval.suites.<name>]`; consumes every model of
+the recipe (base, the trained models, `[eval.models]`); writes `artifacts/<recipe>/eval/<model>-<suite>/` and
+provides it as an `evaluation` for the scores stage.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import math
 import re
 from pathlib import Path
 
-from pipeline.core.stage import Stage
+from pipeline.llm import engines
 from pipeline.errors import TunebuildError
+from pipeline.core.stage import Stage
 
 STAGE = Stage(name="evaluate", version=3, phase="eval", section="eval", gpus="eval.gpus",
               doc="Evaluate one model on one suite (lm-eval tasks, or the held-out loss).")
@@ -31,8 +36,11 @@ def tasks(plan):
     ev = plan.section("eval")
     for role, src in plan.models().items():
         for suite, sc in sorted(ev["suites"].items()):
-            run_settings = {k: v for k, v in sc.items() if k != "categories"}  # categories: used by scores only
-            config = {"batch_size": ev["batch_size"], "device": ev["device"], "suite": run_settings}
+            # categories: used by scores only; the engine: below, keyed only when it is not the default one
+            run_settings = {k: v for k, v in sc.items() if k not in ("categories", "engine")}
+            engine = sc["engine"] or ev["engine"]
+            keyed, engine_run = engines.task_settings(engine, ev["vllm"])
+            config = {"batch_size": ev["batch_size"], "device": ev["device"], "suite": run_settings, **keyed}
             inputs, params = src.as_arg("model")
             params["suite"] = run_settings
             if sc["include_path"]:
@@ -41,7 +49,9 @@ def tasks(plan):
                 check_suite_paths_once(plan.project.recipes_dir / sc["include_path"], plan.project.recipes_dir)
             categories = plan.rel(sc["categories"]) if sc["categories"] else None
             yield plan.task(STAGE, f"{plan.name}.{role}.{suite}", plan.out("eval", f"{role}-{suite}"),
-                            inputs=inputs, params=params, config=config, gpus=ev["gpus"],
+                            inputs=inputs, params=params, config=config, engine=engine,
+                            unkeyed={"engine_run": engine_run} if engine_run else None,
+                            gpus=engines.task_gpus(ev["gpus"], engine_run),
                             file_dep=[categories] if categories else (),
                             provides=("evaluation", f"{role}.{suite}",
                                       {"role": role, "suite": suite, "model": src, "categories": categories}),
@@ -309,12 +319,18 @@ def _clean(value):
     return value
 
 
-def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = None, config: dict) -> dict:
+def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = None, config: dict,
+        engine_run: dict | None = None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from pipeline.models.hf import device, ensure_available, model_identity, package_versions, split_ref
 
+    engine = config.get("engine", engines.DEFAULT)
+    if engine == "vllm":  # before anything else: without vLLM, one line saying what to install
+        from pipeline.evaluation import vllm_lm_eval
+
+        vllm_lm_eval.patch_lm_eval_version()
     if include_path:
         check_local_suite(Path(include_path))
     ensure_available(str(model))
@@ -333,11 +349,10 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
     workdir = Path(include_path).resolve() if include_path else Path.cwd()
     hub_id, revision = split_ref(model)
     pretrained = str(Path(model).resolve()) if Path(model).exists() else hub_id
-    with contextlib.chdir(workdir):
+    model_type, model_args, environment = _engine_args(engine, pretrained, revision, dev, config, engine_run or {})
+    with contextlib.chdir(workdir), environment:
         res = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": pretrained, **({"revision": revision} if revision else {}),
-                        "dtype": "float32" if dev == "cpu" else "auto", "device": dev},
+            model=model_type, model_args=model_args,
             tasks=list(suite["tasks"]), num_fewshot=suite["num_fewshot"], batch_size=config["batch_size"],
             limit=suite["limit"] or None, log_samples=True, task_manager=manager,
             apply_chat_template=suite["apply_chat_template"],
@@ -354,8 +369,12 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
             stderr = values.get(f"{metric}_stderr,{filt}")
             metrics.append({"task": task, "subject": "", "metric": metric, "filter": filt, "value": _clean(value),
                             "stderr": _clean(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
-    result = {"eval_config": {"suite": suite, "batch_size": config["batch_size"]}, "metrics": metrics,
-              "model_digest": model_identity(model), "packages": package_versions(),
+    eval_config, packages = {"suite": suite, "batch_size": config["batch_size"]}, package_versions()
+    if engine != engines.DEFAULT:  # the default engine's results stay as they were before engines were a setting
+        eval_config.update(engine=engines.identity(engine), max_model_len=config.get("max_model_len"))
+        packages["vllm"] = engines.identity(engine).split(" ", 1)[1]
+    result = {"eval_config": eval_config, "metrics": metrics,
+              "model_digest": model_identity(model), "packages": packages,
               "versions": res.get("versions", {}), "configs": _relative(res.get("configs", {}), str(Path.cwd()) + "/"),
               "higher_is_better": res.get("higher_is_better", {})}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
@@ -365,3 +384,22 @@ def run(out_dir: Path, *, model: str, suite: dict, include_path: Path | None = N
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False, sort_keys=True, default=str) + "\n")
     return {"metrics": len(metrics)}
+
+
+def _engine_args(engine: str, pretrained: str, revision: str | None, dev: str, config: dict,
+                 engine_run: dict) -> tuple[str, dict, object]:
+    """lm-eval's model type, its `model_args`, and the context to run it in: `hf` (float32 on a CPU, the model's
+    dtype on a GPU), or `vllm` (the same dtypes; `[eval.vllm]` settings; `pipeline.evaluation.vllm_lm_eval`)."""
+    base = {"pretrained": pretrained, **({"revision": revision} if revision else {})}
+    dtype = "float32" if dev == "cpu" else "auto"
+    if engine == engines.DEFAULT:
+        return "hf", {**base, "dtype": dtype, "device": dev}, contextlib.nullcontext()
+    from pipeline.llm import vllm_engine
+    from pipeline.evaluation import vllm_lm_eval
+
+    tp = engines.tensor_parallel_size(engine_run.get("tensor_parallel_size"))
+    args = vllm_lm_eval.model_args(pretrained, revision=revision, dtype=dtype,
+                                   max_model_len=config.get("max_model_len"), batch_size=config["batch_size"],
+                                   tensor_parallel_size=tp,
+                                   gpu_memory_utilization=engine_run.get("gpu_memory_utilization"))
+    return "vllm", {**base, **args}, vllm_engine.engine_environment(tp)

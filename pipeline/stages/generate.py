@@ -16,6 +16,9 @@ Output: `instructions.jsonl` (seed tasks first, then machine tasks, in the self-
 `source`) and `report.json` (requests, tokens, cost, yield, and why generation stopped). Nothing is filtered
 here beyond exact duplicates; the filter stage decides what is kept.
 
+A local generator (`backend = "local"`) runs on `generate.engine`: the batched HF engine, or vLLM (`[generate.vllm]`),
+whose engine and version are part of the task's key and of the model id the ledger keys its answers by.
+
 Contract: reads `[generate]`; runs for every `[data.<name>]` with `source = "generate"`; consumes the seed file and
 prompt templates (and, for the local backend, the generator model); gets its LLM client from
 `pipeline.llm.client.make_client` with the ledger; writes `artifacts/<recipe>/generate/<name>/` and provides it as the
@@ -28,9 +31,10 @@ import random
 import re
 from pathlib import Path
 
-from pipeline.core.stage import Stage
+from pipeline.llm import engines
 from pipeline.errors import TunebuildError
 from pipeline.llm.prompts import read_template, render
+from pipeline.core.stage import Stage
 
 STAGE = Stage(name="generate", version=1, phase="source", section="generate", gpus="generate.gpus",
               doc="Self-instruct: grow the seed tasks into instructions and instances through the LLM ledger.")
@@ -40,6 +44,9 @@ def tasks(plan):
     """One task per `[data.<name>]` with `source = "generate"`: the recipe's `[generate]` section drives it.
     Provides a `pool` (the seed + machine task pool) that the filter stage turns into a dataset."""
     c = plan.section("generate")
+    keyed, run_settings = engines.task_settings(c.pop("engine"), c.pop("vllm"))
+    engine = keyed.get("engine")
+    c.update(keyed)  # nothing for the default engine: its tasks keep their keys
     prompts = ("prompt",) if c["style"] == "alpaca" else (
         "prompt", "classify_prompt", "instance_prompt", "instance_prompt_output_first")
     for name, d in sorted(plan.recipe.config["data"].items()):
@@ -51,10 +58,13 @@ def tasks(plan):
             inputs.update(i)
             params.update(p)
         out = plan.out(STAGE, name)
+        local = c["backend"] == "local"
         yield plan.task(STAGE, f"{plan.name}.{name}", out, inputs=inputs, params=params, config=c,
-                        unkeyed={"ledger": plan.ledger, "recipe": plan.name},
+                        unkeyed={"ledger": plan.ledger, "recipe": plan.name,
+                                 **({"engine_run": run_settings} if run_settings and local else {})},
                         provides=("pool", name, {}), doc=f"self-instruct generation of {plan.name}'s {name}",
-                        gpus=None if c["backend"] == "local" else 0)
+                        engine=engine if local else None,
+                        gpus=engines.task_gpus(c["gpus"], run_settings) if local else 0)
 
 
 def read_seeds(path: Path) -> list[dict]:
@@ -226,14 +236,17 @@ def _alpaca_tasks(seed_tasks: list[dict], template: str, c: dict, client, known:
 
 def run(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, ledger: str, recipe: str = "",
         generator: str | None = None, classify_prompt: Path | None = None, instance_prompt: Path | None = None,
-        instance_prompt_output_first: Path | None = None) -> dict:
+        instance_prompt_output_first: Path | None = None, engine_run: dict | None = None) -> dict:
     """Grow the seed tasks into machine tasks with instances, through the client `[generate]` asks for."""
     from pipeline.llm.client import make_client
 
-    client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
-    return generate(out_dir, seeds=seeds, prompt=prompt, config=config, client=client,
-                    classify_prompt=classify_prompt, instance_prompt=instance_prompt,
-                    instance_prompt_output_first=instance_prompt_output_first)
+    client = make_client(config, generator=generator, ledger=ledger, recipe=recipe, engine_run=engine_run)
+    try:
+        return generate(out_dir, seeds=seeds, prompt=prompt, config=config, client=client,
+                        classify_prompt=classify_prompt, instance_prompt=instance_prompt,
+                        instance_prompt_output_first=instance_prompt_output_first)
+    finally:
+        client.close()
 
 
 def generate(out_dir: Path, *, seeds: Path, prompt: Path, config: dict, client, classify_prompt: Path | None = None,

@@ -16,10 +16,14 @@ over the graded answers are reported (an answer without a grade counts in `ungra
 Every judge call goes through the LLM client and its ledger, keyed by (judge model, rendered prompt, sampling),
 and the rendered prompt holds the two answers in their order: editing the judge prompt re-judges, nothing else.
 
-Contract: reads `[eval.judge]`; consumes the `answers` of the recipe's final model (the candidate) and of the
-reference model (`eval.judge.reference`, `base` by default: any model the recipe evaluates) and,
-for the local backend, the judge model; gets its LLM client from `pipeline.llm.client.make_client` with the ledger;
-writes `artifacts/<recipe>/judge/` and provides it as a `judgement` for the scores stage.
+A local judge (`backend = "local"`) runs on `eval.engine` (`[eval.vllm]` for vLLM); its model id, the ledger's key,
+names the engine when it is vLLM. `results.json` names the engine that wrote the judged answers.
+
+Contract: reads `[eval.judge]` (and, for a local judge, `eval.engine` and `[eval.vllm]`); consumes the `answers`
+of the recipe's final model (the candidate) and of the reference model (`eval.judge.reference`, `base` by default:
+any model the recipe evaluates) and, for the local backend, the judge model; gets its LLM client from
+`pipeline.llm.client.make_client` with the ledger; writes `artifacts/<recipe>/judge/` and provides it as a `judgement`
+for the scores stage.
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.core.stage import Stage
+from pipeline.llm import engines
 from pipeline.errors import TunebuildError
 from pipeline.llm.prompts import read_template, render
+from pipeline.core.stage import Stage
 
-STAGE = Stage(name="judge", version=2, phase="compare", section="eval.judge", gpus="eval.gpus",
+STAGE = Stage(name="judge", version=3, phase="compare", section="eval.judge", gpus="eval.gpus",
               doc="LLM-as-judge: the final model vs a reference model, both orders (or single-answer grading).")
 ANSWER_KEYS = ("answer_max_tokens", "judge_max_items")  # the answers stage's part of [eval.judge]
 
@@ -42,15 +47,20 @@ def tasks(plan):
     if not j["enabled"] or not cand or not ref or cand is ref:
         return
     inputs, params = {"candidate": cand.out, "reference": ref.out, "prompt": plan.rel(j["prompt"])}, {}
-    if j["backend"] == "local":
+    config = {k: v for k, v in j.items() if k not in ANSWER_KEYS}
+    unkeyed, engine, gpus = {"ledger": plan.ledger, "recipe": plan.name}, None, 0
+    if j["backend"] == "local":  # a local judge runs on eval.engine
         i, p = plan.model(j["model"]).as_arg("generator")
         inputs.update(i)
         params.update(p)
+        ev = plan.section("eval")
+        keyed, run_settings = engines.task_settings(ev["engine"], ev["vllm"])
+        config.update(keyed)
+        unkeyed.update({"engine_run": run_settings} if run_settings else {})
+        engine, gpus = ev["engine"], engines.task_gpus(ev["gpus"], run_settings)
     yield plan.task(STAGE, plan.name, plan.out(STAGE), inputs=inputs,
                     params={**params, "candidate_name": cand.name, "reference_name": ref.name},
-                    config={k: v for k, v in j.items() if k not in ANSWER_KEYS},
-                    unkeyed={"ledger": plan.ledger, "recipe": plan.name},
-                    gpus=plan.section("eval")["gpus"] if j["backend"] == "local" else 0,
+                    config=config, unkeyed=unkeyed, engine=engine, gpus=gpus,
                     provides=("judgement", f"{cand.name}-vs-{ref.name}",
                               {"model": cand.info["model"], "role": cand.name, "reference": ref.name,
                                "prompt": plan.rel(j["prompt"])}),
@@ -64,6 +74,18 @@ SAMPLING = {"max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "stop": []}
 def read_answers(folder: Path) -> dict[str, dict]:
     rows = [json.loads(x) for x in (Path(folder) / "answers.jsonl").read_text(encoding="utf-8").splitlines() if x]
     return {r["id"]: r for r in rows}
+
+
+def answers_engine(*folders: Path) -> str:
+    """The engine that wrote the judged answers (their `summary.json`; `hf` before answers named it), one name
+    or `<candidate's> / <reference's>`."""
+    found = []
+    for folder in folders:
+        try:
+            found.append(json.loads((Path(folder) / "summary.json").read_text(encoding="utf-8")).get("engine", "hf"))
+        except (OSError, ValueError):
+            found.append("hf")
+    return " / ".join(dict.fromkeys(found))
 
 
 def parse_verdict(text: str) -> str | None:
@@ -108,12 +130,15 @@ def length_controlled(y, len_candidate, len_reference) -> float:
 
 def run(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, ledger: str,
         recipe: str = "", generator: str | None = None, candidate_name: str = "tuned",
-        reference_name: str = "base") -> dict:
+        reference_name: str = "base", engine_run: dict | None = None) -> dict:
     from pipeline.llm.client import make_client
 
-    client = make_client(config, generator=generator, ledger=ledger, recipe=recipe)
-    return judge(out_dir, candidate=candidate, reference=reference, prompt=prompt, config=config, client=client,
-                 candidate_name=candidate_name, reference_name=reference_name)
+    client = make_client(config, generator=generator, ledger=ledger, recipe=recipe, engine_run=engine_run)
+    try:
+        return judge(out_dir, candidate=candidate, reference=reference, prompt=prompt, config=config,
+                     client=client, candidate_name=candidate_name, reference_name=reference_name)
+    finally:
+        client.close()
 
 
 def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, config: dict, client,
@@ -183,6 +208,7 @@ def judge(out_dir: Path, *, candidate: Path, reference: Path, prompt: Path, conf
     limit = config.get("max_no_verdict_rate", 0.2)
     warning = no_verdict_warning(missing, asked, limit, rate_key, judged)
     result = {"mode": config["mode"], "candidate": candidate_name, "reference": reference_name, "n": len(ids),
+              "answers_engine": answers_engine(candidate, reference),
               "judged": judged, "metric_n": counts, "empty_answers": empty, "max_no_verdict_rate": limit,
               "warning": warning,
               "judge": client.model_id, "metrics": metrics, "usage": client.usage.as_dict()}

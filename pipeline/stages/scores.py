@@ -3,8 +3,10 @@
 Loads a recipe's evaluation results (one artifact per model x suite) as rows of the `scores` table: one row per
 (recipe, model, suite, task, subject, metric) with value, stderr, n and lineage: model digest (the model folder's
 manifest, or the hub id), dataset digest (the filtered dataset the model was tuned on), eval config digest (the
-resolved lm-eval task configs, the eval settings and the harness version) and package versions. A recipe's rows
-are replaced in one transaction, under a file lock, so parallel builds never write the database at once.
+resolved lm-eval task configs, the eval settings, the engine and the harness version), package versions and
+the engine that made the number (`hf`, or `vllm <version>`; for the judge's rates, the engine of the judged
+answers). A recipe's rows are replaced in one transaction, under a file lock, so parallel builds never write the
+database at once.
 The table `pairs` holds the pairs a recipe compares (base → sft → dpo: each training stage with the model it
 started from, then base → the final model when that is not one of them; the final model with each
 `[eval.models]` model); the view `comparison` joins their scores per (recipe, suite, task, subject, metric).
@@ -32,7 +34,7 @@ from pipeline.core.stage import Stage
 from pipeline.core.store import file_lock
 from pipeline.digests import digest_json, input_digest
 
-STAGE = Stage(name="scores", version=4, phase="scores", cache=False, verbosity=1,
+STAGE = Stage(name="scores", version=5, phase="scores", cache=False, verbosity=1,
               doc="Load a recipe's evaluation results into artifacts/scores.duckdb.")
 
 
@@ -71,14 +73,16 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS scores (
     recipe TEXT, model TEXT, model_ref TEXT, suite TEXT, task TEXT, subject TEXT, metric TEXT, filter TEXT,
     value DOUBLE, stderr DOUBLE, n INTEGER, higher_is_better BOOLEAN,
-    model_digest TEXT, dataset_digest TEXT, eval_config_digest TEXT, packages JSON
+    model_digest TEXT, dataset_digest TEXT, eval_config_digest TEXT, packages JSON, engine TEXT
 );
+ALTER TABLE scores ADD COLUMN IF NOT EXISTS engine TEXT;
 CREATE TABLE IF NOT EXISTS pairs (recipe TEXT, model_a TEXT, model_b TEXT, position INTEGER);
 CREATE TABLE IF NOT EXISTS train_log (recipe TEXT, stage TEXT, step INTEGER, epoch DOUBLE, metric TEXT, value DOUBLE);
 CREATE OR REPLACE VIEW comparison AS
 SELECT p.recipe, p.model_a, p.model_b, a.suite, a.task, a.subject, a.metric, a.filter, a.n,
        a.value AS a, b.value AS b, b.value - a.value AS delta, a.higher_is_better,
-       a.eval_config_digest = b.eval_config_digest AS same_eval_config, p.position
+       a.eval_config_digest = b.eval_config_digest AS same_eval_config, a.engine AS engine_a, b.engine AS engine_b,
+       p.position
 FROM pairs p
 JOIN scores a ON a.recipe = p.recipe AND a.model = p.model_a
 JOIN scores b ON b.recipe = p.recipe AND b.model = p.model_b AND a.suite = b.suite AND a.task = b.task
@@ -100,7 +104,7 @@ CREATE OR REPLACE VIEW macro AS SELECT * FROM paired WHERE average = 'macro';
 PAIRED = ["recipe", "suite", "metric", "filter", "model_a", "model_b", "level", "name", "average", "n", "subjects",
           "a", "b", "delta", "ci_low", "ci_high", "p_value", "p_holm", "test", "ci_excludes_zero"]
 COLUMNS = ["recipe", "model", "model_ref", "suite", "task", "subject", "metric", "filter", "value", "stderr", "n",
-           "higher_is_better", "model_digest", "dataset_digest", "eval_config_digest", "packages"]
+           "higher_is_better", "model_digest", "dataset_digest", "eval_config_digest", "packages", "engine"]
 
 
 def rows_for(recipe: str, entry: dict) -> list[dict]:
@@ -121,7 +125,8 @@ def rows_for(recipe: str, entry: dict) -> list[dict]:
                      "n": m["n"] if m["n"] is not None else group_n(result, m, counts),
                      "higher_is_better": better.get(m["task"], {}).get(m["metric"]),
                      "model_digest": model_digest, "dataset_digest": dataset_digest,
-                     "eval_config_digest": eval_digest, "packages": json.dumps(result["packages"], sort_keys=True)})
+                     "eval_config_digest": eval_digest, "packages": json.dumps(result["packages"], sort_keys=True),
+                     "engine": result["eval_config"].get("engine", "hf")})
     return rows
 
 
@@ -265,14 +270,16 @@ def judge_rows(recipe: str, judge: dict | None) -> list[dict]:
     if not judge:
         return []
     result = json.loads((Path(judge["result"]) / "results.json").read_text())
+    engine = result.get("answers_engine", "hf")
     digest = digest_json({"mode": result["mode"], "judge": result["judge"],
-                          "prompt": input_digest(Path(judge["prompt"]))})
+                          "prompt": input_digest(Path(judge["prompt"])), "answers_engine": engine})
     return [{"recipe": recipe, "model": judge["role"], "model_ref": judge["model_ref"], "suite": "judge",
              "task": result["mode"], "subject": judge.get("reference", ""), "metric": k, "filter": "none", "value": v,
              "stderr": None,
              "n": result.get("metric_n", {}).get(k, result["n"]), "higher_is_better": HIGHER.get(k),
              "model_digest": input_digest(Path(judge["model"])),
-             "dataset_digest": None, "eval_config_digest": digest, "packages": json.dumps({"judge": result["judge"]})}
+             "dataset_digest": None, "eval_config_digest": digest, "packages": json.dumps({"judge": result["judge"]}),
+             "engine": engine}
             for k, v in sorted(result["metrics"].items())]
 
 

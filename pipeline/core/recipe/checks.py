@@ -251,13 +251,41 @@ def _check_generate(path: Path, c: dict) -> None:
         raise RecipeError(f"{path}: generate.model: {g['model']!r} is a built-in model; set generate.backend = 'local'")
     if g["style"] == "self_instruct" and not 0 < g["num_machine_in_prompt"] < g["num_prompt_instructions"]:
         raise RecipeError(f"{path}: generate.num_machine_in_prompt: expected 1..num_prompt_instructions-1")
+    _check_engine(path, "generate", g, g["engine"] == "vllm")
+    if g["engine"] == "vllm" and g["backend"] != "local":
+        raise RecipeError(f"{path}: generate.engine: 'vllm' runs a local model; expected backend = 'local' (an "
+                          f"OpenAI-compatible endpoint, vLLM's own server included, generates on its side)")
     if g["style"] == "alpaca" and not 0 < g["num_prompt_instructions"] < 20:
         raise RecipeError(f"{path}: generate.num_prompt_instructions: expected 1..19 seed tasks in an alpaca "
                           f"prompt of 20 tasks")
 
 
+def _check_engine(path: Path, section: str, c: dict, used: bool) -> None:
+    """A section's [vllm] settings apply only where its engine is vllm, and split the model over at most the
+    GPUs its tasks hold."""
+    settings = {k: v for k, v in c["vllm"].items() if v is not None}
+    if settings and not used:
+        where = "eval.engine or an eval.suites.<name>.engine" if section == "eval" else "generate.engine"
+        raise RecipeError(f"{path}: {section}.vllm.{sorted(settings)[0]}: only for the vllm engine (set {where} "
+                          f"= 'vllm')")
+    tp = settings.get("tensor_parallel_size")
+    if tp and c["gpus"] is not None and tp > c["gpus"]:
+        raise RecipeError(f"{path}: {section}.vllm.tensor_parallel_size: expected at most {section}.gpus "
+                          f"({c['gpus']}, the GPUs each task holds), got {tp}")
+
+
 def _check_eval(path: Path, c: dict) -> None:
     j = c["eval"]["judge"]
+    ev = c["eval"]
+    engines = {name: sc["engine"] or ev["engine"] for name, sc in ev["suites"].items()}
+    vllm_generates = ev["engine"] == "vllm" and j["enabled"]
+    _check_engine(path, "eval", ev, vllm_generates or "vllm" in engines.values())
+    if ev["engine"] == "vllm" and not vllm_generates and "vllm" not in engines.values():
+        raise RecipeError(f"{path}: eval.engine: 'vllm' but nothing in [eval] generates with it (no suite on it and "
+                          f"eval.judge.enabled = false; the held-out loss is always computed with transformers)")
+    if ev["device"] != "auto" and engines and "hf" not in engines.values():
+        raise RecipeError(f"{path}: eval.device: only for suites on the hf engine (every suite runs on vllm, which "
+                          f"picks the device it was built for)")
     if j["enabled"]:
         for key in ("instructions", "prompt"):
             if not j[key]:

@@ -79,6 +79,25 @@ def _gpus(what: str) -> Key:
     return Key(int, None, min=0, doc=f"GPUs {what} holds (unset: 1 where GPUs exist, 0 on a CPU machine); where "
                                     "a task runs, not what it computes: outside the run-cache key")
 
+def _engine(what: str) -> Key:
+    return Key(str, "hf", choices=("hf", "vllm"),
+               doc=f"{what}: hf (transformers, batched; always installed) or vllm (pip install vllm, see README: "
+                   f"Generation engines); the engine and its version are part of what a task computes")
+
+
+def _vllm(section: str) -> dict:
+    return {
+        "tensor_parallel_size": Key(int, None, min=1, doc=f"GPUs vLLM splits the model over (unset: the task's GPUs, "
+                                                          f"{section}.gpus; 1 on a CPU); outside the run-cache key"),
+        "gpu_memory_utilization": Key(float, None, above=0, max=1,
+                                      doc="share of each GPU's memory vLLM may take (unset: vLLM's 0.9); on a CPU "
+                                          "the KV cache is sized from the prompts instead; outside the run-cache key"),
+        "max_model_len": Key(int, None, min=16, doc="the context vLLM allocates; a longer prompt is cut from the "
+                                                    "left (unset: the model's for lm-eval suites; what the prompts "
+                                                    "need, at most the model's, for answers and generation)"),
+    }
+
+
 SCHEMA: dict = {
     "description": Key(str, ""),
     "extends": Key(str, None, doc="another recipe file (relative to this one) whose keys this one overrides"),
@@ -147,6 +166,8 @@ SCHEMA: dict = {
         "instance_max_tokens": Key(int, 300, min=1),
         "seed": Key(int, 42),
         "gpus": _gpus("a generation task with backend = 'local'"),
+        "engine": _engine("what runs the local generator (backend = 'local')"),
+        "vllm": _vllm("generate"),
     },
     "filter": {
         "rouge_threshold": Key(float, 0.7, above=0, max=1),
@@ -211,6 +232,9 @@ SCHEMA: dict = {
         "heldout": Key(bool, True, doc="score mean loss/perplexity of held-out reference responses"),
         "heldout_max_items": Key(int, 200, min=1),
         "gpus": _gpus("each evaluation, answers or local-judge task"),
+        "engine": _engine("what generates in [eval]: the lm-eval suites (lm-eval's hf or vllm model type), the "
+                          "judge's answers and a local judge (the held-out loss is always transformers')"),
+        "vllm": _vllm("eval"),
         "judge": {
             "enabled": Key(bool, False, doc="LLM-as-judge: tuned vs base answers on an instruction set"),
             "mode": Key(str, "pairwise", choices=("pairwise", "single")),
@@ -243,6 +267,7 @@ SCHEMA: dict = {
             "limit": Key(int, 0, min=0, doc="0: all documents"),
             "apply_chat_template": Key(bool, False),
             "max_gen_toks": Key(int, 0, min=0, doc="0: each task's own generation_kwargs"),
+            "engine": Key(str, None, choices=("hf", "vllm"), doc="this suite's engine (unset: eval.engine)"),
             "categories": Key(str, None, file=True,
                               doc="JSON file: subject (lm-eval task name) -> category or list of categories"),
         }),
