@@ -178,7 +178,17 @@ SCHEMA: dict = {
         "lr_scheduler": Key(str, "linear"),
         "logging_steps": Key(int, 10, min=1),
         "seed": Key(int, 42),
-        "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16")),
+        "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16"),
+                         doc="what the model loads and trains in; auto: bfloat16 where the GPU supports it, else "
+                             "float32 (CPU); float16 keeps full / freeze weights in float32 (mixed precision); QLoRA "
+                             "computes in it; part of the run-cache key as written"),
+        "gradient_checkpointing": Key(bool, False, doc="recompute activations in the backward pass: less memory, "
+                                                       "slower; the same gradients, so outside the run-cache key"),
+        "attn_implementation": Key(str, "auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
+                                   doc="the attention kernel; auto: flash_attention_2 where a GPU, flash-attn and a "
+                                       "16-bit precision are there, else transformers' default (sdpa)"),
+        "liger_kernel": Key(bool, False, doc="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+                                             "cross-entropy): a GPU and pip install -e '.[liger]'"),
         "save_steps": Key(int, 0, min=0, doc="checkpoint every N steps into artifacts/.scratch, so a killed "
                                             "training resumes there (0: no checkpoints)"),
         "report_to": Key(str, "none", choices=("none", "tensorboard", "wandb", "trackio"),

@@ -14,6 +14,9 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 
 ADAPTER_MODES = ("lora", "qlora")
+# how a training runs, not what it computes: outside the run-cache key and the up-to-date check (live logging;
+# gradient checkpointing recomputes the same activations: bitwise the same gradients, tested)
+UNKEYED = ("report_to", "gradient_checkpointing")
 LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "rewards/accuracies")
 
@@ -65,7 +68,7 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         src = start_model(plan, t)
         inputs, params = src.as_arg("base_model")
         inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
-        config = {**{k: v for k, v in t.items() if k != "report_to"}, "data": mix}
+        config = {**{k: v for k, v in t.items() if k not in UNKEYED}, "data": mix}
         adapter = t["finetuning"] in ADAPTER_MODES
         out = plan.out(stage, name) if adapter else model_folder(plan, name)
         info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
@@ -73,7 +76,7 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         yield plan.task(stage, f"{r.name}.{name}", out, inputs=inputs, params=params, config=config,
                         # names, for messages only: the run-cache key holds the start model's content digest,
                         # never the recipe's or the stage's name, so copies and sweep variants share the training
-                        unkeyed={"report_to": t["report_to"], "base_ref": src.ref, "stage_name": name},
+                        unkeyed={**{k: t[k] for k in UNKEYED}, "base_ref": src.ref, "stage_name": name},
                         provides=("trained" if adapter else "model", name, info),
                         doc=doc.format(name=name, base=src.ref, finetuning=t["finetuning"]))
 
@@ -108,16 +111,6 @@ def load_mixture(data: dict, mix: list[dict], kind: str, where: str) -> list[dic
     return out
 
 
-def precision(setting: str) -> str:
-    import torch
-
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
-
-
 def check_target_modules(model, targets: list[str], base_ref: str, where: str = "lora") -> None:
     """Every target module name matches modules of the model (PEFT matches by name suffix); else one line
     listing the linear layers the model has."""
@@ -131,34 +124,34 @@ def check_target_modules(model, targets: list[str], base_ref: str, where: str = 
                              f"linear layers are named {', '.join(linear)}")
 
 
-def load_for_training(base_model: str, base_ref: str, t: dict, where: str):
-    """(model, tokenizer, peft_config or None) for the stage's fine-tuning mode.
+def load_for_training(base_model: str, base_ref: str, t: dict, where: str, prec: str,
+                      gradient_checkpointing: bool = False):
+    """(model, tokenizer, peft_config or None) for the stage's fine-tuning mode, loaded in the dtype it trains in
+    (`pipeline.precision`) on this process's device.
 
-    lora: the full-precision model plus a LoraConfig (TRL wraps it); qlora: the model loaded in 4-bit nf4 with
-    double quantisation through bitsandbytes, prepared with `prepare_model_for_kbit_training`, plus a LoraConfig;
-    full: every parameter trains; freeze: only `freeze.trainable_modules` and the last `freeze.last_layers`
-    decoder layers train."""
-    import torch
+    lora: the model plus a LoraConfig (TRL wraps it); qlora: the model loaded in 4-bit nf4 with double quantisation
+    through bitsandbytes, computing in `prec` (in float32 prepared with `prepare_model_for_kbit_training`), plus a
+    LoraConfig; full: every parameter trains; freeze: only `freeze.trainable_modules` and the last
+    `freeze.last_layers` decoder layers train."""
     from peft import LoraConfig
 
+    from pipeline import precision
     from pipeline.hf import load_causal_lm
 
     mode = t["finetuning"]
+    dtype = precision.load_dtype(prec, mode)
+    kwargs = precision.load_kwargs(t, prec, where)
     if mode == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise TunebuildError(f"{where}.finetuning: 'qlora' needs bitsandbytes: pip install -e '.[qlora]'") \
-                from None
+        if not precision.installed("bitsandbytes"):
+            raise TunebuildError(f"{where}.finetuning: 'qlora' needs bitsandbytes: pip install -e '.[qlora]'")
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
-        model, tok = load_causal_lm(base_model, dtype="float32", quantization_config=quant)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model, tok = load_causal_lm(base_model, dtype=dtype, quantization_config=precision.quantization(
+            dtype, t.get("strategy", "ddp")), **kwargs)
+        if dtype == "float32":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model, tok = load_causal_lm(base_model, dtype="float32")
+        model, tok = load_causal_lm(base_model, dtype=dtype, **kwargs)
     peft_config = None
     if mode in ADAPTER_MODES:
         check_target_modules(model, t["lora"]["target_modules"], base_ref, f"{where}.lora.target_modules")
@@ -191,17 +184,20 @@ def freeze_except(model, modules: list[str], last_layers: int, base_ref: str, wh
     return trainable
 
 
-def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none") -> dict:
-    """The trainer arguments every method shares (TRL's names). Precision is explicit: TRL's configs default to
-    bf16, which fails on a CPU. With `save_steps`, checkpoints go to `output_dir` (the stage's scratch folder)."""
+def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none",
+                gradient_checkpointing: bool = False) -> dict:
+    """The trainer arguments every method shares (TRL's names), with those of `pipeline.precision`. With
+    `save_steps`, checkpoints go to `output_dir` (the stage's scratch folder)."""
+    from pipeline.precision import trainer_args
+
     saving = dict(save_strategy="steps", save_steps=t["save_steps"], save_total_limit=2) if t["save_steps"] else \
         dict(save_strategy="no")
     return dict(output_dir=output_dir, max_steps=t["max_steps"], num_train_epochs=t["num_epochs"],
                 per_device_train_batch_size=t["batch_size"],
                 gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
                 lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], logging_steps=t["logging_steps"],
-                seed=t["seed"], data_seed=t["seed"], bf16=prec == "bfloat16", fp16=prec == "float16",
-                report_to=report_to, dataloader_num_workers=0, disable_tqdm=False, **saving)
+                seed=t["seed"], data_seed=t["seed"], report_to=report_to, dataloader_num_workers=0,
+                disable_tqdm=False, **trainer_args(t, prec, gradient_checkpointing), **saving)
 
 
 def last_checkpoint(scratch: Path | None) -> Path | None:
@@ -328,11 +324,16 @@ def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype
     (out_dir / "README.md").unlink(missing_ok=True)
 
 
-def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_template: Path):
+def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_template: Path,
+            gradient_checkpointing: bool = False):
     """(where, precision, model, tokenizer, peft_config, template text) for a training stage's run."""
+    from pipeline import precision
+
     where = f"train.{stage_name}"
-    prec = precision(config["precision"])
-    model, tokenizer, peft_config = load_for_training(base_model, base_ref, config, where)
+    prec = precision.resolve(config["precision"])
+    precision.check_liger(config["liger_kernel"], where)
+    model, tokenizer, peft_config = load_for_training(base_model, base_ref, config, where, prec,
+                                                      gradient_checkpointing)
     template = Path(chat_template).read_text(encoding="utf-8")
     tokenizer.chat_template = template
     return where, prec, model, tokenizer, peft_config, template
@@ -348,8 +349,11 @@ def finish(out_dir: Path, trainer, tokenizer, peft_config, base_model: str, temp
     start = model_identity(base_model)
     if peft_config is not None:
         save_adapter(trainer, tokenizer, out_dir, base_model, start)
-    else:
-        save_model_folder(trainer.model, tokenizer, out_dir, template)
+    else:  # in the dtype the weights trained in
+        from pipeline.precision import load_dtype
+
+        save_model_folder(trainer.model, tokenizer, out_dir, template,
+                          load_dtype(summary["precision"], summary["finetuning"]))
     summary = {**summary, "start_model": start, "steps": result.global_step,
                "train_loss": mean_loss(log, result.global_step, result.training_loss), "resumed_from_step": resumed}
     return write_logs(out_dir, log, summary)

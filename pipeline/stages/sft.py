@@ -69,7 +69,8 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
 
 
 def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
-        config: dict, scratch: Path | None = None, report_to: str = "none") -> dict:
+        config: dict, scratch: Path | None = None, report_to: str = "none",
+        gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -77,7 +78,7 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
-                                                                            chat_template)
+                                                                            chat_template, gradient_checkpointing)
     conversations = [r["messages"] for r in training.load_mixture(data, c["data"], "sft", where)]
     rows, counts = tokenize_conversations(conversations, tokenizer, c["max_length"], chat_template)
     print(f"sft {stage_name}: {counts['examples']} training conversations: {counts['kept']} kept, "
@@ -91,8 +92,8 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
                              f"raise max_length")
     with tempfile.TemporaryDirectory(prefix="tunebuild-sft-") as tmp:
         output_dir = str(scratch) if scratch is not None else tmp
-        args = SFTConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"],
-                         completion_only_loss=True)
+        args = SFTConfig(**training.common_args(c, output_dir, prec, report_to, gradient_checkpointing),
+                         max_length=c["max_length"], completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
         fitted = training.fit(trainer, scratch, where)
