@@ -187,6 +187,9 @@ SCHEMA: dict = {
         "attn_implementation": Key(str, "auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
                                    doc="the attention kernel; auto: flash_attention_2 where a GPU, flash-attn and a "
                                        "16-bit precision are there, else transformers' default (sdpa)"),
+        "packing": Key(bool, False, doc="sft: pack whole conversations best-fit into max_length rows (TRL's bfd, "
+                                        "padding-free; attention stays inside each conversation): fewer steps per "
+                                        "epoch, more tokens per step"),
         "liger_kernel": Key(bool, False, doc="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
                                              "cross-entropy): a GPU and pip install -e '.[liger]'"),
         "save_steps": Key(int, 0, min=0, doc="checkpoint every N steps into artifacts/.scratch, so a killed "
@@ -605,7 +608,7 @@ def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
 
 
 DPO_ONLY = ("beta", "loss_type", "precompute_ref_log_probs")
-SFT_ONLY = ()
+SFT_ONLY = ("packing",)  # TRL 1.16's DPOTrainer has padding_free disabled (it warns and pads): no DPO packing
 
 
 def _check_train(path: Path, raw_train: dict, c: dict) -> None:
@@ -616,7 +619,9 @@ def _check_train(path: Path, raw_train: dict, c: dict) -> None:
         raw = raw_train.get(name, {})
         misplaced = [k for k in (DPO_ONLY if t["method"] != "dpo" else SFT_ONLY) if k in raw]
         if misplaced:
-            raise RecipeError(f"{where}.{misplaced[0]}: not a setting of method = '{t['method']}'")
+            why = " (packing is TRL's SFT packing; its DPOTrainer has padding_free disabled: it would warn and pad)" \
+                if misplaced[0] == "packing" else ""
+            raise RecipeError(f"{where}.{misplaced[0]}: not a setting of method = '{t['method']}'{why}")
         if t["finetuning"] != "freeze" and "freeze" in raw:
             raise RecipeError(f"{where}.freeze: only for finetuning = 'freeze'")
         if t["finetuning"] not in ("lora", "qlora") and "lora" in raw:

@@ -12,7 +12,9 @@ completion mask over every assistant turn (the loss is on the answers of all tur
 then trains on `input_ids` + `completion_mask` (`completion_only_loss`). Conversations longer than `max_length`
 are truncated; one with no answer token left is dropped. Kept, truncated and dropped counts go to
 `train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped
-(TRL would otherwise drop such examples silently). `train_log.jsonl` holds loss, learning rate and grad norm per
+(TRL would otherwise drop such examples silently). With `packing = true` TRL packs the conversations best-fit into
+`max_length` rows, padding-free, attention kept inside each conversation (`pipeline.packing`); the summary counts the
+tokens trained, the padding share and the packing efficiency. `train_log.jsonl` holds loss, learning rate and grad norm per
 logging step; no timings, so an identical run gives an identical artifact.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 from pipeline.stage import Stage
 
-STAGE = Stage(name="sft", version=6, phase="train", section="train.<name>", gpus="train.<name>.gpus",
+STAGE = Stage(name="sft", version=7, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
 
 
@@ -74,7 +76,7 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline import training
+    from pipeline import packing, training
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
@@ -93,9 +95,12 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     with tempfile.TemporaryDirectory(prefix="tunebuild-sft-") as tmp:
         output_dir = str(scratch) if scratch is not None else tmp
         args = SFTConfig(**training.common_args(c, output_dir, prec, report_to, gradient_checkpointing),
-                         max_length=c["max_length"], completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft_config)
+                         max_length=c["max_length"], completion_only_loss=True, **packing.sft_args(c))
+        trainer = packing.counting(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                               processing_class=tokenizer, peft_config=peft_config)
         fitted = training.fit(trainer, scratch, where)
+    tokens = packing.summary(trainer, c)
+    print(f"sft {stage_name}: {packing.describe(tokens, c)}", flush=True)
     return training.finish(out_dir, trainer, tokenizer, peft_config, base_model, template, fitted,
-                           {"method": "sft", "finetuning": c["finetuning"], **counts, "precision": prec})
+                           {"method": "sft", "finetuning": c["finetuning"], **counts, "precision": prec,
+                            "packing": c["packing"], **tokens})
