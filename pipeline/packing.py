@@ -74,8 +74,8 @@ def counting(trainer_cls):
             mask = inputs.get("attention_mask")
             tokens = mask.sum() if mask is not None else torch.tensor(ids.numel())  # padding-free: no padding
             labels = inputs["labels"]
-            counts = torch.stack([tokens.to(ids.device), (labels[:, 1:] != -100).sum(), torch.tensor(ids.numel(),
-                                                                                                      device=ids.device)])
+            slots = torch.tensor(ids.numel(), device=ids.device)
+            counts = torch.stack([tokens.to(ids.device), (labels[:, 1:] != -100).sum(), slots])
             counts = self.accelerator.reduce(counts.to(torch.int64), reduction="sum")
             self.token_count.add(*(int(x) for x in counts.tolist()))
             return super().training_step(model, inputs, num_items_in_batch)

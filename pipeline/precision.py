@@ -86,7 +86,7 @@ def load_kwargs(t: dict, prec: str, where: str) -> dict:
     """`load_causal_lm` arguments for a training's model (and a DPO reference model): where it loads, the attention
     kernel."""
     attn = attn_implementation(t["attn_implementation"], prec, where)
-    return {"on": rank_device(t.get("strategy", "ddp")), **({"attn_implementation": attn} if attn else {})}
+    return {"on": rank_device(t["strategy"]), **({"attn_implementation": attn} if attn else {})}
 
 
 def check_liger(on: bool, where: str) -> None:
@@ -113,10 +113,13 @@ def quantization(prec: str, strategy: str):
 def trainer_args(t: dict, prec: str, gradient_checkpointing: bool) -> dict:
     """The trainer arguments of precision and kernels (TRL's names). Precision is explicit: TRL's configs default to
     bf16, which fails on a CPU."""
-    args = dict(bf16=prec == "bfloat16", fp16=prec == "float16", use_cpu=not has_cuda(),
-                gradient_checkpointing=gradient_checkpointing)
-    if gradient_checkpointing:
-        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    from transformers import TrainingArguments
+
+    args = dict(bf16=prec == "bfloat16", fp16=prec == "float16", use_cpu=not has_cuda())
+    if gradient_checkpointing:  # transformers 5.x renames it; the old names then mirror the new ones (TRL reads them)
+        name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+            else "gradient_checkpointing"
+        args.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
     if t.get("liger_kernel"):
         args["use_liger_kernel"] = True
     return args

@@ -202,6 +202,13 @@ SCHEMA: dict = {
                                                   "apo_down", "discopop", "sigmoid_norm"), doc="dpo: TRL's loss_type"),
         "precompute_ref_log_probs": Key(bool, False, doc="dpo: compute the reference log-probs once, up front"),
         "gpus": _gpus("this training stage's task"),
+        "processes": Key(int, None, min=1, doc="training processes, one per GPU (unset: the task's gpus, else 1); "
+                                               "each trains batch_size rows, so the global batch is batch_size x "
+                                               "gradient_accumulation_steps x processes: part of the run-cache key"),
+        "strategy": Key(str, "ddp", choices=("ddp", "fsdp", "zero2", "zero3"),
+                        doc="how several processes share the work, under accelerate launch: ddp (replicas; gloo on "
+                            "a CPU); fsdp (FSDP2 shards, GPUs); zero2 / zero3 (DeepSpeed, GPUs, the deepspeed "
+                            "extra); part of the run-cache key"),
         "lora": {
             "r": Key(int, 8, min=1),
             "alpha": Key(int, 16, min=1),
@@ -622,6 +629,9 @@ def _check_train(path: Path, raw_train: dict, c: dict) -> None:
             why = " (packing is TRL's SFT packing; its DPOTrainer has padding_free disabled: it would warn and pad)" \
                 if misplaced[0] == "packing" else ""
             raise RecipeError(f"{where}.{misplaced[0]}: not a setting of method = '{t['method']}'{why}")
+        if t["processes"] is not None and t["gpus"] and t["processes"] != t["gpus"]:
+            raise RecipeError(f"{where}.processes: {t['processes']}, but gpus = {t['gpus']}: one process per GPU "
+                              f"(leave processes unset to follow gpus)")
         if t["finetuning"] != "freeze" and "freeze" in raw:
             raise RecipeError(f"{where}.freeze: only for finetuning = 'freeze'")
         if t["finetuning"] not in ("lora", "qlora") and "lora" in raw:

@@ -68,7 +68,9 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         src = start_model(plan, t)
         inputs, params = src.as_arg("base_model")
         inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
-        config = {**{k: v for k, v in t.items() if k not in UNKEYED}, "data": mix}
+        # one process per GPU the task holds, unless the recipe says: keyed, as it sets the global batch
+        processes = t["processes"] or t["gpus"] or 1
+        config = {**{k: v for k, v in t.items() if k not in UNKEYED}, "data": mix, "processes": processes}
         adapter = t["finetuning"] in ADAPTER_MODES
         out = plan.out(stage, name) if adapter else model_folder(plan, name)
         info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
@@ -147,7 +149,7 @@ def load_for_training(base_model: str, base_ref: str, t: dict, where: str, prec:
         from peft import prepare_model_for_kbit_training
 
         model, tok = load_causal_lm(base_model, dtype=dtype, quantization_config=precision.quantization(
-            dtype, t.get("strategy", "ddp")), **kwargs)
+            dtype, t["strategy"]), **kwargs)
         if dtype == "float32":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
@@ -197,6 +199,7 @@ def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none",
                 gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
                 lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], logging_steps=t["logging_steps"],
                 seed=t["seed"], data_seed=t["seed"], report_to=report_to, dataloader_num_workers=0,
+                ddp_find_unused_parameters=False,  # every trainable weight is used (adapter, full, freeze)
                 disable_tqdm=False, **trainer_args(t, prec, gradient_checkpointing), **saving)
 
 
@@ -301,14 +304,18 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype: str = "float32") -> None:
+def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype: str = "float32",
+                      state_dict: dict | None = None) -> None:
     """A model folder that loads with AutoModelForCausalLM.from_pretrained, without bitsandbytes, carrying the
     tokenizer, the chat template, and a generation_config.json whose EOS ids include the template's end-of-turn
     token (so generation stops at the end of the assistant's turn)."""
     import torch
     from transformers import GenerationConfig
 
-    model = model.to(getattr(torch, dtype)).to("cpu")
+    if state_dict is None:
+        model = model.to(getattr(torch, dtype)).to("cpu")
+    else:  # gathered from the shards of several processes
+        state_dict = {k: v.to(getattr(torch, dtype)).cpu() for k, v in state_dict.items()}
     tokenizer.chat_template = template_text
     eos = end_of_turn_ids(tokenizer)
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
@@ -318,7 +325,7 @@ def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.generation_config = gen
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.chat_template = template_text
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)
@@ -342,18 +349,22 @@ def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_
 def finish(out_dir: Path, trainer, tokenizer, peft_config, base_model: str, template: str, fitted: tuple,
            summary: dict) -> dict:
     """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary (with the start
-    model's identity: its content digest, or the hub id and the commit it resolved to)."""
+    model's identity: its content digest, or the hub id and the commit it resolved to). Under several processes
+    every rank gathers a sharded model's weights (`pipeline.launch.full_state_dict`) and rank 0 alone writes."""
     from pipeline.hf import model_identity
+    from pipeline.launch import full_state_dict, is_main
+    from pipeline.precision import load_dtype
 
     result, resumed, log = fitted
+    state = full_state_dict(trainer)
+    if not is_main():
+        return {}
     start = model_identity(base_model)
     if peft_config is not None:
-        save_adapter(trainer, tokenizer, out_dir, base_model, start)
+        save_adapter(trainer, tokenizer, out_dir, base_model, start, state)
     else:  # in the dtype the weights trained in
-        from pipeline.precision import load_dtype
-
         save_model_folder(trainer.model, tokenizer, out_dir, template,
-                          load_dtype(summary["precision"], summary["finetuning"]))
+                          load_dtype(summary["precision"], summary["finetuning"]), state)
     summary = {**summary, "start_model": start, "steps": result.global_step,
                "train_loss": mean_loss(log, result.global_step, result.training_loss), "resumed_from_step": resumed}
     return write_logs(out_dir, log, summary)
@@ -367,7 +378,7 @@ def write_logs(out_dir: Path, rows: list[dict], summary: dict) -> dict:
     return summary
 
 
-def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str) -> None:
+def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str, state_dict=None) -> None:
     """The PEFT adapter with the tokenizer, its settings in a stable order (PEFT keeps target_modules as a set,
     whose order follows PYTHONHASHSEED), naming its base portably: a hub model by its id and the commit it resolved
     to; a folder by its content digest (`start`, `sha256:...`), never by its path, which holds the recipe's name
@@ -375,7 +386,7 @@ def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str)
     each recipe's own output, where AutoPeftModelForCausalLM resolves it from the project root."""
     from pipeline.hf import split_ref
 
-    trainer.model.save_pretrained(out_dir)
+    trainer.model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card names the base by local path
     cfg_path = out_dir / "adapter_config.json"

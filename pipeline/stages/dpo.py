@@ -15,7 +15,9 @@ dropped (TRL would drop it silently). The pairs are tokenized here exactly as TR
 it keeps are handed to it; read, kept, truncated and dropped counts (checked against the dataset TRL prepared) go
 to `train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped.
 `train_log.jsonl` holds loss, learning rate, grad norm and rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies per logging step.
+rewards/accuracies per logging step. Several processes (`processes`, one per GPU the task holds by default;
+`strategy`: ddp, fsdp, zero2, zero3) run `train` in every rank under `accelerate launch` (`pipeline.launch`); rank 0
+alone writes the output.
 """
 from __future__ import annotations
 
@@ -106,7 +108,15 @@ def check_dropped(counts: dict, rows: list[dict], where: str, stage_name: str, c
                              f"{whole})")
 
 
-def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
+def run(out_dir: Path, *, scratch: Path | None = None, **kwargs) -> dict:
+    """`train` in this process, or in `processes` ranks under `accelerate launch` (`pipeline.launch`); rank 0
+    writes `out_dir`."""
+    from pipeline import launch
+
+    return launch.run(train, out_dir, {**kwargs, "scratch": scratch}, f"train.{kwargs['stage_name']}")
+
+
+def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
         config: dict, scratch: Path | None = None, report_to: str = "none",
         gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset

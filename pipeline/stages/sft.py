@@ -12,10 +12,13 @@ completion mask over every assistant turn (the loss is on the answers of all tur
 then trains on `input_ids` + `completion_mask` (`completion_only_loss`). Conversations longer than `max_length`
 are truncated; one with no answer token left is dropped. Kept, truncated and dropped counts go to
 `train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped
-(TRL would otherwise drop such examples silently). With `packing = true` TRL packs the conversations best-fit into
-`max_length` rows, padding-free, attention kept inside each conversation (`pipeline.packing`); the summary counts the
-tokens trained, the padding share and the packing efficiency. `train_log.jsonl` holds loss, learning rate and grad norm per
+(TRL would otherwise drop such examples silently). `train_log.jsonl` holds loss, learning rate and grad norm per
 logging step; no timings, so an identical run gives an identical artifact.
+
+With `packing = true` TRL packs the conversations best-fit into `max_length` rows, padding-free, attention kept
+inside each conversation (`pipeline.packing`); the summary counts the tokens trained, those with a loss, the padding
+share and the packing efficiency. Several processes (`processes`, one per GPU the task holds by default; `strategy`: ddp, fsdp, zero2, zero3) run
+`train` in every rank under `accelerate launch` (`pipeline.launch`); rank 0 alone writes the output.
 """
 from __future__ import annotations
 
@@ -70,7 +73,15 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
     return rows, counts
 
 
-def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
+def run(out_dir: Path, *, scratch: Path | None = None, **kwargs) -> dict:
+    """`train` in this process, or in `processes` ranks under `accelerate launch` (`pipeline.launch`); rank 0
+    writes `out_dir`."""
+    from pipeline import launch
+
+    return launch.run(train, out_dir, {**kwargs, "scratch": scratch}, f"train.{kwargs['stage_name']}")
+
+
+def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
         config: dict, scratch: Path | None = None, report_to: str = "none",
         gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
