@@ -208,3 +208,27 @@ def _in(proc: Path, folder: str) -> bool:
             os.readlink(proc / "cwd").startswith(folder)
     except OSError:
         return False
+
+
+def test_the_readmes_eight_gpu_zh_dpo_keeps_its_global_batches(tmp_path, monkeypatch):
+    """README "Training at scale": zh_dpo on 8 GPUs, written as the README shows it, validates and trains each stage
+    in 8 processes with the one-GPU recipe's global batch."""
+    import re
+
+    from pipeline.graph import Project
+
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```toml\n(# recipes/zh_dpo_8gpu.toml.*?)```", readme, re.S).group(1)
+    project = copy_project(tmp_path, recipes=("zh_dpo.toml",))
+    (project / "recipes/zh_dpo_8gpu.toml").write_text(snippet)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = {f"{b}:{t['name']}": t["actions"][0][2] for b, _, ts in Project(project).task_table() for t in ts
+             if t.get("actions")}
+    for stage in ("sft", "dpo"):
+        one, eight = tasks[f"{stage}:zh_dpo.{stage}"], tasks[f"{stage}:zh_dpo_8gpu.{stage}"]
+        assert (one["config"]["processes"], eight["config"]["processes"], eight["gpus"]) == (1, 8, 8)
+        assert "gradient_checkpointing" not in one["config"] and one["unkeyed"]["gradient_checkpointing"]
+        assert one["config"]["batch_size"] * one["config"]["gradient_accumulation_steps"] == \
+            eight["config"]["batch_size"] * eight["config"]["gradient_accumulation_steps"] * 8
+    assert one["config"]["packing"] is False and tasks["sft:zh_dpo.sft"]["config"]["packing"] is True
