@@ -115,7 +115,9 @@ def trainer_args(t: dict, prec: str, gradient_checkpointing: bool) -> dict:
     bf16, which fails on a CPU."""
     from transformers import TrainingArguments
 
-    args = dict(bf16=prec == "bfloat16", fp16=prec == "float16", use_cpu=not has_cuda())
+    # several processes: DDP need not look for unused weights (adapter, full and freeze weights all take part)
+    args = dict(bf16=prec == "bfloat16", fp16=prec == "float16", use_cpu=not has_cuda(),
+                ddp_find_unused_parameters=False)
     if gradient_checkpointing:  # transformers 5.x renames it; the old names then mirror the new ones (TRL reads them)
         name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
             else "gradient_checkpointing"

@@ -14,8 +14,7 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 
 ADAPTER_MODES = ("lora", "qlora")
-# how a training runs, not what it computes: outside the run-cache key and the up-to-date check (live logging;
-# gradient checkpointing recomputes the same activations: bitwise the same gradients, tested)
+# how a training runs, not what it computes (gradient checkpointing: bitwise the same gradients): not keyed
 UNKEYED = ("report_to", "gradient_checkpointing")
 LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "rewards/accuracies")
@@ -68,9 +67,8 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         src = start_model(plan, t)
         inputs, params = src.as_arg("base_model")
         inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
-        # one process per GPU the task holds, unless the recipe says: keyed, as it sets the global batch
-        processes = t["processes"] or t["gpus"] or 1
-        config = {**{k: v for k, v in t.items() if k not in UNKEYED}, "data": mix, "processes": processes}
+        config = {**{k: v for k, v in t.items() if k not in UNKEYED}, "data": mix,
+                  "processes": t["processes"] or t["gpus"] or 1}  # one per GPU unless set; keyed: the global batch
         adapter = t["finetuning"] in ADAPTER_MODES
         out = plan.out(stage, name) if adapter else model_folder(plan, name)
         info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
@@ -199,7 +197,6 @@ def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none",
                 gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
                 lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], logging_steps=t["logging_steps"],
                 seed=t["seed"], data_seed=t["seed"], report_to=report_to, dataloader_num_workers=0,
-                ddp_find_unused_parameters=False,  # every trainable weight is used (adapter, full, freeze)
                 disable_tqdm=False, **trainer_args(t, prec, gradient_checkpointing), **saving)
 
 
