@@ -6,6 +6,11 @@ LoRA, CPU). Prints the wall time of each (best of --repeat) and the ratio (goal 
 The stage's time includes what it does beyond TRL: reading the canonical dataset, rendering and masking every
 assistant turn itself, checking the LoRA targets, and saving the adapter with its logs. Both sides run in this
 process after a warm-up, so imports and the first-call costs of torch do not count.
+
+The real-shape case (`--real-shape`, `benchmarks/training_real.py`): a random-init model with Qwen1.5-0.5B's
+architecture, the Alpaca sample, SFT LoRA unpacked and packed, the stage vs a bare TRL script vs LLaMA-Factory:
+
+    python benchmarks/training.py --real-shape [--steps 2] [--llamafactory /path/to/llamafactory-cli]
 """
 from __future__ import annotations
 
@@ -97,7 +102,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--real-shape", action="store_true", help="the Qwen1.5-0.5B-shaped case (training_real.py)")
+    ap.add_argument("--llamafactory", default=None, help="real shape: llamafactory-cli to compare with")
+    args, rest = ap.parse_known_args()
+    if args.real_shape:
+        from benchmarks import training_real
+
+        training_real.main(["--steps", str(args.steps if "--steps" in sys.argv else 2)] +
+                           (["--llamafactory", args.llamafactory] if args.llamafactory else []) + rest)
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

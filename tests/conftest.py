@@ -30,7 +30,7 @@ def make_wide_model(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from pipeline import tiny
+    from pipeline.models import tiny
 
     tok = tiny.byte_level_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -184,7 +184,7 @@ def _run_local(task: dict, spec: Path, result: Path, log: Path, started: float) 
     began = now()
     try:
         env = {**os.environ, "TUNEBUILD_IN_CHILD": "1", "CUDA_VISIBLE_DEVICES": ",".join(lease.ids),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(gpus.free_port())}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(gpus.free_port()), "TUNEBUILD_LOG": str(log)}
         with open(log, "w", encoding="utf-8") as log_file:
             proc = subprocess.Popen(child_command(spec, result), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, pass_fds=lease.fds, preexec_fn=_set_pdeathsig)

@@ -114,7 +114,8 @@ def run(task: dict, spec: Path, result: Path, log: Path, started: float) -> str 
     script = spec.with_name("job.sh")
     command = " ".join(shlex.quote(str(Path(c).resolve()) if c in (str(spec), str(result)) else c)
                        for c in child_command(spec, result))
-    script.write_text(f"#!/bin/bash\nexport TUNEBUILD_IN_CHILD=1\nexec {command}\n")
+    script.write_text(f"#!/bin/bash\nexport TUNEBUILD_IN_CHILD=1\n"
+                      f"export TUNEBUILD_LOG={shlex.quote(str(log.resolve()))}\nexec {command}\n")
     submit = subprocess.run([_tool("sbatch"), "--parsable", *sbatch_options(label, task.get("gpus"), log),
                              str(script)], capture_output=True, text=True)
     if submit.returncode != 0:

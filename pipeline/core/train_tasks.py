@@ -38,7 +38,7 @@ def mixture(recipe, t: dict, kind: str) -> list[dict]:
 def train_tasks(plan, stage, method: str, kind: str, doc: str):
     """One task per `[train.<name>]` with this method: inputs are the start model, the datasets and the chat
     template; an adapter is provided as `trained` (the merge stage makes its model), full weights as `model`."""
-    from pipeline.finetuning.training import ADAPTER_MODES
+    from pipeline.finetuning.training import ADAPTER_MODES, UNKEYED
 
     r = plan.recipe
     for name in train_order(r.config):
@@ -57,7 +57,8 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         src = start_model(plan, t)
         inputs, params = src.as_arg("base_model")
         inputs.update(data=datasets, chat_template=plan.rel(r.config["model"]["chat_template"]))
-        config = {**{k: v for k, v in t.items() if k != "report_to"}, "data": mix}
+        config = {**{k: v for k, v in t.items() if k not in UNKEYED}, "data": mix,
+                  "processes": t["processes"] or t["gpus"] or 1}  # one per GPU unless set; keyed: the global batch
         adapter = t["finetuning"] in ADAPTER_MODES
         out = plan.out(stage, name) if adapter else model_folder(plan, name)
         info = {"base": src, "datasets": sorted(datasets.values()), "from": t["from"],
@@ -65,6 +66,6 @@ def train_tasks(plan, stage, method: str, kind: str, doc: str):
         yield plan.task(stage, f"{r.name}.{name}", out, inputs=inputs, params=params, config=config,
                         # names, for messages only: the run-cache key holds the start model's content digest,
                         # never the recipe's or the stage's name, so copies and sweep variants share the training
-                        unkeyed={"report_to": t["report_to"], "base_ref": src.ref, "stage_name": name},
+                        unkeyed={**{k: t[k] for k in UNKEYED}, "base_ref": src.ref, "stage_name": name},
                         provides=("trained" if adapter else "model", name, info),
                         doc=doc.format(name=name, base=src.ref, finetuning=t["finetuning"]))

@@ -14,6 +14,8 @@ from pathlib import Path
 from pipeline.errors import TunebuildError
 
 ADAPTER_MODES = ("lora", "qlora")
+# how a training runs, not what it computes (gradient checkpointing: bitwise the same gradients): not keyed
+UNKEYED = ("report_to", "gradient_checkpointing")
 LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "rewards/accuracies")
 
@@ -47,16 +49,6 @@ def load_mixture(data: dict, mix: list[dict], kind: str, where: str) -> list[dic
     return out
 
 
-def precision(setting: str) -> str:
-    import torch
-
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
-
-
 def check_target_modules(model, targets: list[str], base_ref: str, where: str = "lora") -> None:
     """Every target module name matches modules of the model (PEFT matches by name suffix); else one line
     listing the linear layers the model has."""
@@ -70,34 +62,34 @@ def check_target_modules(model, targets: list[str], base_ref: str, where: str = 
                              f"linear layers are named {', '.join(linear)}")
 
 
-def load_for_training(base_model: str, base_ref: str, t: dict, where: str):
-    """(model, tokenizer, peft_config or None) for the stage's fine-tuning mode.
+def load_for_training(base_model: str, base_ref: str, t: dict, where: str, prec: str,
+                      gradient_checkpointing: bool = False):
+    """(model, tokenizer, peft_config or None) for the stage's fine-tuning mode, loaded in the dtype it trains in
+    (`pipeline.finetuning.precision`) on this process's device.
 
-    lora: the full-precision model plus a LoraConfig (TRL wraps it); qlora: the model loaded in 4-bit nf4 with
-    double quantisation through bitsandbytes, prepared with `prepare_model_for_kbit_training`, plus a LoraConfig;
-    full: every parameter trains; freeze: only `freeze.trainable_modules` and the last `freeze.last_layers`
-    decoder layers train."""
-    import torch
+    lora: the model plus a LoraConfig (TRL wraps it); qlora: the model loaded in 4-bit nf4 with double quantisation
+    through bitsandbytes, computing in `prec` (in float32 prepared with `prepare_model_for_kbit_training`), plus a
+    LoraConfig; full: every parameter trains; freeze: only `freeze.trainable_modules` and the last
+    `freeze.last_layers` decoder layers train."""
     from peft import LoraConfig
 
+    from pipeline.finetuning import precision
     from pipeline.models.hf import load_causal_lm
 
     mode = t["finetuning"]
+    dtype = precision.load_dtype(prec, mode)
+    kwargs = precision.load_kwargs(t, prec, where)
     if mode == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise TunebuildError(f"{where}.finetuning: 'qlora' needs bitsandbytes: pip install -e '.[qlora]'") \
-                from None
+        if not precision.installed("bitsandbytes"):
+            raise TunebuildError(f"{where}.finetuning: 'qlora' needs bitsandbytes: pip install -e '.[qlora]'")
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
-        model, tok = load_causal_lm(base_model, dtype="float32", quantization_config=quant)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model, tok = load_causal_lm(base_model, dtype=dtype, quantization_config=precision.quantization(
+            dtype, t["strategy"]), **kwargs)
+        if dtype == "float32":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model, tok = load_causal_lm(base_model, dtype="float32")
+        model, tok = load_causal_lm(base_model, dtype=dtype, **kwargs)
     peft_config = None
     if mode in ADAPTER_MODES:
         check_target_modules(model, t["lora"]["target_modules"], base_ref, f"{where}.lora.target_modules")
@@ -130,17 +122,20 @@ def freeze_except(model, modules: list[str], last_layers: int, base_ref: str, wh
     return trainable
 
 
-def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none") -> dict:
-    """The trainer arguments every method shares (TRL's names). Precision is explicit: TRL's configs default to
-    bf16, which fails on a CPU. With `save_steps`, checkpoints go to `output_dir` (the stage's scratch folder)."""
+def common_args(t: dict, output_dir: str, prec: str, report_to: str = "none",
+                gradient_checkpointing: bool = False) -> dict:
+    """The trainer arguments every method shares (TRL's names), with those of `pipeline.finetuning.precision`. With
+    `save_steps`, checkpoints go to `output_dir` (the stage's scratch folder)."""
+    from pipeline.finetuning.precision import trainer_args
+
     saving = dict(save_strategy="steps", save_steps=t["save_steps"], save_total_limit=2) if t["save_steps"] else \
         dict(save_strategy="no")
     return dict(output_dir=output_dir, max_steps=t["max_steps"], num_train_epochs=t["num_epochs"],
                 per_device_train_batch_size=t["batch_size"],
                 gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
                 lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], logging_steps=t["logging_steps"],
-                seed=t["seed"], data_seed=t["seed"], bf16=prec == "bfloat16", fp16=prec == "float16",
-                report_to=report_to, dataloader_num_workers=0, disable_tqdm=False, **saving)
+                seed=t["seed"], data_seed=t["seed"], report_to=report_to, dataloader_num_workers=0,
+                disable_tqdm=False, **trainer_args(t, prec, gradient_checkpointing), **saving)
 
 
 def last_checkpoint(scratch: Path | None) -> Path | None:
@@ -244,14 +239,18 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype: str = "float32") -> None:
+def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype: str = "float32",
+                      state_dict: dict | None = None) -> None:
     """A model folder that loads with AutoModelForCausalLM.from_pretrained, without bitsandbytes, carrying the
     tokenizer, the chat template, and a generation_config.json whose EOS ids include the template's end-of-turn
     token (so generation stops at the end of the assistant's turn)."""
     import torch
     from transformers import GenerationConfig
 
-    model = model.to(getattr(torch, dtype)).to("cpu")
+    if state_dict is None:
+        model = model.to(getattr(torch, dtype)).to("cpu")
+    else:  # gathered from the shards of several processes
+        state_dict = {k: v.to(getattr(torch, dtype)).cpu() for k, v in state_dict.items()}
     tokenizer.chat_template = template_text
     eos = end_of_turn_ids(tokenizer)
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
@@ -261,17 +260,22 @@ def save_model_folder(model, tokenizer, out_dir: Path, template_text: str, dtype
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.generation_config = gen
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.chat_template = template_text
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)
 
 
-def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_template: Path):
+def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_template: Path,
+            gradient_checkpointing: bool = False):
     """(where, precision, model, tokenizer, peft_config, template text) for a training stage's run."""
+    from pipeline.finetuning import precision
+
     where = f"train.{stage_name}"
-    prec = precision(config["precision"])
-    model, tokenizer, peft_config = load_for_training(base_model, base_ref, config, where)
+    prec = precision.resolve(config["precision"])
+    precision.check_liger(config["liger_kernel"], where)
+    model, tokenizer, peft_config = load_for_training(base_model, base_ref, config, where, prec,
+                                                      gradient_checkpointing)
     template = Path(chat_template).read_text(encoding="utf-8")
     tokenizer.chat_template = template
     return where, prec, model, tokenizer, peft_config, template
@@ -280,15 +284,22 @@ def prepare(base_model: str, base_ref: str, stage_name: str, config: dict, chat_
 def finish(out_dir: Path, trainer, tokenizer, peft_config, base_model: str, template: str, fitted: tuple,
            summary: dict) -> dict:
     """Save the adapter (lora, qlora) or the model folder (full, freeze), the log and the summary (with the start
-    model's identity: its content digest, or the hub id and the commit it resolved to)."""
+    model's identity: its content digest, or the hub id and the commit it resolved to). Under several processes
+    every rank gathers a sharded model's weights (`pipeline.finetuning.launch.full_state_dict`) and rank 0 alone writes."""
     from pipeline.models.hf import model_identity
+    from pipeline.finetuning.launch import full_state_dict, is_main
+    from pipeline.finetuning.precision import load_dtype
 
     result, resumed, log = fitted
+    state = full_state_dict(trainer)
+    if not is_main():
+        return {}
     start = model_identity(base_model)
     if peft_config is not None:
-        save_adapter(trainer, tokenizer, out_dir, base_model, start)
-    else:
-        save_model_folder(trainer.model, tokenizer, out_dir, template)
+        save_adapter(trainer, tokenizer, out_dir, base_model, start, state)
+    else:  # in the dtype the weights trained in
+        save_model_folder(trainer.model, tokenizer, out_dir, template,
+                          load_dtype(summary["precision"], summary["finetuning"]), state)
     summary = {**summary, "start_model": start, "steps": result.global_step,
                "train_loss": mean_loss(log, result.global_step, result.training_loss), "resumed_from_step": resumed}
     return write_logs(out_dir, log, summary)
@@ -302,7 +313,7 @@ def write_logs(out_dir: Path, rows: list[dict], summary: dict) -> dict:
     return summary
 
 
-def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str) -> None:
+def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str, state_dict=None) -> None:
     """The PEFT adapter with the tokenizer, its settings in a stable order (PEFT keeps target_modules as a set,
     whose order follows PYTHONHASHSEED), naming its base portably: a hub model by its id and the commit it resolved
     to; a folder by its content digest (`start`, `sha256:...`), never by its path, which holds the recipe's name
@@ -310,7 +321,7 @@ def save_adapter(trainer, tokenizer, out_dir: Path, base_model: str, start: str)
     each recipe's own output, where AutoPeftModelForCausalLM resolves it from the project root."""
     from pipeline.models.hf import split_ref
 
-    trainer.model.save_pretrained(out_dir)
+    trainer.model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card names the base by local path
     cfg_path = out_dir / "adapter_config.json"

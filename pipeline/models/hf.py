@@ -139,9 +139,11 @@ def load_tokenizer(ref: str, check: bool = True):
     return tok
 
 
-def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True, **kwargs):
-    """(model, tokenizer) on the best device; dtype 'float32' | 'bfloat16' | 'float16'. Other keyword arguments go
-    to `from_pretrained` (a `quantization_config` model is placed by bitsandbytes, not moved)."""
+def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True, on: str | None = None,
+                   **kwargs):
+    """(model, tokenizer) on device `on` (default: the best one); dtype 'float32' | 'bfloat16' | 'float16' | 'auto'
+    (the model's own). Other keyword arguments go to `from_pretrained`; a `quantization_config` model is placed by
+    bitsandbytes on that GPU (`device_map`), not moved."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -150,11 +152,15 @@ def load_causal_lm(ref: str, dtype: str = "float32", with_tokenizer: bool = True
     name, revision = split_ref(ref)
     if revision:
         kwargs["revision"] = revision
+    on = on or device()
+    if "quantization_config" in kwargs and on != "cpu":
+        kwargs["device_map"] = {"": on}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                     **kwargs)
     except (OSError, ValueError) as e:
         raise _unavailable(ref, e) from None
-    return (model if "quantization_config" in kwargs else model.to(device())), tok
+    return (model if "quantization_config" in kwargs else model.to(on)), tok
 
 
 _OFFLINE: list = [None]   # why the hub is out of reach, once this process has set HF_HUB_OFFLINE itself

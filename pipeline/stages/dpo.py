@@ -15,7 +15,9 @@ dropped (TRL would drop it silently). The pairs are tokenized here exactly as TR
 it keeps are handed to it; read, kept, truncated and dropped counts (checked against the dataset TRL prepared) go
 to `train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped.
 `train_log.jsonl` holds loss, learning rate, grad norm and rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies per logging step.
+rewards/accuracies per logging step. Several processes (`processes`, one per GPU the task holds by default;
+`strategy`: ddp, fsdp, zero2, zero3) run `train` in every rank under `accelerate launch` (`pipeline.finetuning.launch`); rank 0
+alone writes the output.
 """
 from __future__ import annotations
 
@@ -106,17 +108,27 @@ def check_dropped(counts: dict, rows: list[dict], where: str, stage_name: str, c
                              f"{whole})")
 
 
-def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
-        config: dict, scratch: Path | None = None, report_to: str = "none") -> dict:
+def run(out_dir: Path, *, scratch: Path | None = None, **kwargs) -> dict:
+    """`train` in this process, or in `processes` ranks under `accelerate launch` (`pipeline.finetuning.launch`); rank 0
+    writes `out_dir`."""
+    from pipeline.finetuning import launch
+
+    return launch.run(train, out_dir, {**kwargs, "scratch": scratch}, f"train.{kwargs['stage_name']}")
+
+
+def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
+        config: dict, scratch: Path | None = None, report_to: str = "none",
+        gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from pipeline.finetuning import training
     from pipeline.models.hf import load_causal_lm
+    from pipeline.finetuning.precision import load_dtype, load_kwargs
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
-                                                                            chat_template)
+                                                                            chat_template, gradient_checkpointing)
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
              for r in training.load_mixture(data, c["data"], "preference", where)]
     try:
@@ -130,12 +142,14 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
     kept = [p for p, r in zip(pairs, rows) if len(r["prompt_ids"]) < c["max_length"]]
     ref_model = None
     if peft_config is None:  # full / freeze: the start model, frozen, is the reference
-        ref_model, _ = load_causal_lm(base_model, dtype="float32", with_tokenizer=False)
+        # in the dtype the policy loaded in, where it loaded, with the same attention kernel
+        ref_model, _ = load_causal_lm(base_model, dtype=load_dtype(prec, c["finetuning"]), with_tokenizer=False,
+                                      **load_kwargs(c, prec, where))
         ref_model.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="tunebuild-dpo-") as tmp:
         output_dir = str(scratch) if scratch is not None else tmp
-        args = DPOConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"],
-                         beta=c["beta"], loss_type=[c["loss_type"]],
+        args = DPOConfig(**training.common_args(c, output_dir, prec, report_to, gradient_checkpointing),
+                         max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]],
                          precompute_ref_log_probs=c["precompute_ref_log_probs"])
         try:
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(kept),

@@ -1,7 +1,8 @@
 """Stage `merge`: fold a LoRA / QLoRA adapter into the model it was trained from.
 
-The base is loaded in full precision (float32, never 4-bit: merging into a quantised base re-quantises and loses
-quality), the adapter applied and merged with `merge_and_unload`, then the result is cast to `merge.dtype` and
+The base is loaded in full precision, never 4-bit (merging into a quantised base re-quantises and loses quality):
+in its own dtype on a GPU (bfloat16 for most checkpoints: half the memory of float32), in float32 on a CPU; the
+adapter applied and merged with `merge_and_unload`, then the result is cast to `merge.dtype` and
 saved with the tokenizer, the chat template used in training and a generation_config.json whose EOS ids include
 the template's end-of-turn token, so the folder loads anywhere with `AutoModelForCausalLM.from_pretrained` /
 `AutoTokenizer.from_pretrained` (no bitsandbytes needed) and generation stops at the end of the assistant's turn.
@@ -35,10 +36,11 @@ def tasks(plan):
 def run(out_dir: Path, *, base_model: str, adapter: Path, chat_template: Path, config: dict) -> dict:
     from peft import PeftModel
 
-    from pipeline.finetuning.training import save_model_folder
     from pipeline.models.hf import load_causal_lm, load_tokenizer
+    from pipeline.finetuning.precision import merge_dtype
+    from pipeline.finetuning.training import save_model_folder
 
-    base, _ = load_causal_lm(base_model, dtype="float32", with_tokenizer=False)
+    base, _ = load_causal_lm(base_model, dtype=merge_dtype(), with_tokenizer=False)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     save_model_folder(merged, load_tokenizer(str(adapter)), out_dir,
                       Path(chat_template).read_text(encoding="utf-8"), config["dtype"])

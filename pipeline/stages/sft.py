@@ -14,6 +14,11 @@ are truncated; one with no answer token left is dropped. Kept, truncated and dro
 `train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped
 (TRL would otherwise drop such examples silently). `train_log.jsonl` holds loss, learning rate and grad norm per
 logging step; no timings, so an identical run gives an identical artifact.
+
+With `packing = true` TRL packs the conversations best-fit into `max_length` rows, padding-free, attention kept
+inside each conversation (`pipeline.finetuning.packing`); the summary counts the tokens trained, those with a loss, the padding
+share and the packing efficiency. Several processes (`processes`, one per GPU the task holds by default; `strategy`: ddp, fsdp, zero2, zero3) run
+`train` in every rank under `accelerate launch` (`pipeline.finetuning.launch`); rank 0 alone writes the output.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
 
-STAGE = Stage(name="sft", version=6, phase="train", section="train.<name>", gpus="train.<name>.gpus",
+STAGE = Stage(name="sft", version=7, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
 
 
@@ -68,16 +73,26 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
     return rows, counts
 
 
-def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
-        config: dict, scratch: Path | None = None, report_to: str = "none") -> dict:
+def run(out_dir: Path, *, scratch: Path | None = None, **kwargs) -> dict:
+    """`train` in this process, or in `processes` ranks under `accelerate launch` (`pipeline.finetuning.launch`); rank 0
+    writes `out_dir`."""
+    from pipeline.finetuning import launch
+
+    return launch.run(train, out_dir, {**kwargs, "scratch": scratch}, f"train.{kwargs['stage_name']}")
+
+
+def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data: dict, chat_template: Path,
+        config: dict, scratch: Path | None = None, report_to: str = "none",
+        gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from pipeline.finetuning import packing
     from pipeline.finetuning import training
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
-                                                                            chat_template)
+                                                                            chat_template, gradient_checkpointing)
     conversations = [r["messages"] for r in training.load_mixture(data, c["data"], "sft", where)]
     rows, counts = tokenize_conversations(conversations, tokenizer, c["max_length"], chat_template)
     print(f"sft {stage_name}: {counts['examples']} training conversations: {counts['kept']} kept, "
@@ -91,10 +106,13 @@ def run(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, data:
                              f"raise max_length")
     with tempfile.TemporaryDirectory(prefix="tunebuild-sft-") as tmp:
         output_dir = str(scratch) if scratch is not None else tmp
-        args = SFTConfig(**training.common_args(c, output_dir, prec, report_to), max_length=c["max_length"],
-                         completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft_config)
+        args = SFTConfig(**training.common_args(c, output_dir, prec, report_to, gradient_checkpointing),
+                         max_length=c["max_length"], completion_only_loss=True, **packing.sft_args(c))
+        trainer = packing.counting(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                               processing_class=tokenizer, peft_config=peft_config)
         fitted = training.fit(trainer, scratch, where)
+    tokens = packing.summary(trainer, c)
+    print(f"sft {stage_name}: {packing.describe(tokens, c)}", flush=True)
     return training.finish(out_dir, trainer, tokenizer, peft_config, base_model, template, fitted,
-                           {"method": "sft", "finetuning": c["finetuning"], **counts, "precision": prec})
+                           {"method": "sft", "finetuning": c["finetuning"], **counts, "precision": prec,
+                            "packing": c["packing"], **tokens})

@@ -84,7 +84,7 @@ def _check_data(path: Path, raw: dict, c: dict, recipes_dir: Path) -> None:
 
 
 DPO_ONLY = ("beta", "loss_type", "precompute_ref_log_probs")
-SFT_ONLY = ()
+SFT_ONLY = ("packing",)  # TRL 1.16's DPOTrainer has padding_free disabled (it warns and pads): no DPO packing
 
 
 def _check_train(path: Path, raw_train: dict, c: dict) -> None:
@@ -95,7 +95,12 @@ def _check_train(path: Path, raw_train: dict, c: dict) -> None:
         raw = raw_train.get(name, {})
         misplaced = [k for k in (DPO_ONLY if t["method"] != "dpo" else SFT_ONLY) if k in raw]
         if misplaced:
-            raise RecipeError(f"{where}.{misplaced[0]}: not a setting of method = '{t['method']}'")
+            why = " (packing is TRL's SFT packing; its DPOTrainer has padding_free disabled: it would warn and pad)" \
+                if misplaced[0] == "packing" else ""
+            raise RecipeError(f"{where}.{misplaced[0]}: not a setting of method = '{t['method']}'{why}")
+        if t["processes"] is not None and t["gpus"] and t["processes"] != t["gpus"]:
+            raise RecipeError(f"{where}.processes: {t['processes']}, but gpus = {t['gpus']}: one process per GPU "
+                              f"(leave processes unset to follow gpus)")
         if t["finetuning"] != "freeze" and "freeze" in raw:
             raise RecipeError(f"{where}.freeze: only for finetuning = 'freeze'")
         if t["finetuning"] not in ("lora", "qlora") and "lora" in raw:

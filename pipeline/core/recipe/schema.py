@@ -200,7 +200,20 @@ SCHEMA: dict = {
         "lr_scheduler": Key(str, "linear"),
         "logging_steps": Key(int, 10, min=1),
         "seed": Key(int, 42),
-        "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16")),
+        "precision": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16"),
+                         doc="what the model loads and trains in; auto: bfloat16 where the GPU supports it, else "
+                             "float32 (CPU); float16 keeps full / freeze weights in float32 (mixed precision); QLoRA "
+                             "computes in it; part of the run-cache key as written"),
+        "gradient_checkpointing": Key(bool, False, doc="recompute activations in the backward pass: less memory, "
+                                                       "slower; the same gradients, so outside the run-cache key"),
+        "attn_implementation": Key(str, "auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
+                                   doc="the attention kernel; auto: flash_attention_2 where a GPU, flash-attn and a "
+                                       "16-bit precision are there, else transformers' default (sdpa)"),
+        "packing": Key(bool, False, doc="sft: pack whole conversations best-fit into max_length rows (TRL's bfd, "
+                                        "padding-free; attention stays inside each conversation): fewer steps per "
+                                        "epoch, more tokens per step"),
+        "liger_kernel": Key(bool, False, doc="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+                                             "cross-entropy): a GPU and pip install -e '.[liger]'"),
         "save_steps": Key(int, 0, min=0, doc="checkpoint every N steps into artifacts/.scratch, so a killed "
                                             "training resumes there (0: no checkpoints)"),
         "report_to": Key(str, "none", choices=("none", "tensorboard", "wandb", "trackio"),
@@ -211,6 +224,13 @@ SCHEMA: dict = {
                                                   "apo_down", "discopop", "sigmoid_norm"), doc="dpo: TRL's loss_type"),
         "precompute_ref_log_probs": Key(bool, False, doc="dpo: compute the reference log-probs once, up front"),
         "gpus": _gpus("this training stage's task"),
+        "processes": Key(int, None, min=1, doc="training processes, one per GPU (unset: the task's gpus, else 1); "
+                                               "each trains batch_size rows, so the global batch is batch_size x "
+                                               "gradient_accumulation_steps x processes: part of the run-cache key"),
+        "strategy": Key(str, "ddp", choices=("ddp", "fsdp", "zero2", "zero3"),
+                        doc="how several processes share the work, under accelerate launch: ddp (replicas; gloo on "
+                            "a CPU); fsdp (FSDP2 shards, GPUs); zero2 / zero3 (DeepSpeed, GPUs, the deepspeed "
+                            "extra); part of the run-cache key"),
         "lora": {
             "r": Key(int, 8, min=1),
             "alpha": Key(int, 16, min=1),

@@ -1,0 +1,130 @@
+"""Packing SFT conversations (TRL's best-fit, padding-free): the per-token loss of a packed batch is the unpacked
+loss of the same conversations, no token attends across a conversation's boundary, the loss stays on assistant
+tokens, and the summary counts the tokens trained, the padding share and the packing efficiency."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT
+from pipeline.finetuning import packing
+from pipeline.errors import TunebuildError
+from pipeline.stages import sft
+
+TEMPLATE = ROOT / "recipes/templates/chatml.jinja"
+
+
+def conversations(n=7):
+    """Conversations of different lengths (several fit in one 96-token row), one of them with two turns."""
+    out = [[{"role": "user", "content": "Q" * (3 + 5 * i)}, {"role": "assistant", "content": "a" * (2 + 3 * i)}]
+           for i in range(n)]
+    out[2] = out[2] + [{"role": "user", "content": "more?"}, {"role": "assistant", "content": "yes"}]
+    return out
+
+
+def prepared(tiny_model, tmp_path, attn: str):
+    """(model, tokenizer rows, the packed batch the SFT stage's trainer feeds its model)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.models.hf import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    tok.chat_template = TEMPLATE.read_text()
+    rows, counts = sft.tokenize_conversations(conversations(), tok, 96, TEMPLATE)
+    assert counts["truncated"] == 0 and all(len(r["input_ids"]) < 96 for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
+    args = SFTConfig(output_dir=str(tmp_path), max_length=96, completion_only_loss=True, report_to="none",
+                     use_cpu=True, per_device_train_batch_size=8, **packing.sft_args({"packing": True}))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    packed = trainer.train_dataset
+    assert len(packed) < len(rows)                                       # several conversations share a row
+    batch = trainer.data_collator([packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1   # padding-free: one flat row
+    return model, rows, batch
+
+
+def segments(position_ids):
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_is_the_unpacked_loss_and_stays_on_assistant_tokens(tiny_model, tmp_path, attn):
+    model, rows, batch = prepared(tiny_model, tmp_path, attn)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:  # each conversation alone, unpadded
+            ids = torch.tensor([r["input_ids"]])
+            labels = torch.where(torch.tensor([r["completion_mask"]]) == 1, ids, -100)
+            count = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * count
+            n += count
+        packed = model(**batch).loss.item()
+    assert n == int((batch["labels"][:, 1:] != -100).sum())             # the same tokens carry the loss
+    assert abs(packed - total / n) < 1e-4, (packed, total / n)
+    # the labels are the completion mask's: every loss token of the packed row is an assistant token of its row
+    by_tokens = sorted(tuple(t for t, m in zip(r["input_ids"], r["completion_mask"]) if m) for r in rows)
+    packed_labels = sorted(tuple(t for t in batch["labels"][0, a:b].tolist() if t != -100)
+                           for a, b in segments(batch["position_ids"]))
+    assert packed_labels == by_tokens
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_token_attends_across_a_conversation_boundary(tiny_model, tmp_path, attn):
+    model, rows, batch = prepared(tiny_model, tmp_path, attn)
+    spans = segments(batch["position_ids"])
+    assert len(spans) == len(rows) >= 3
+    with torch.no_grad():
+        logits = model(**batch).logits[0]
+        (a0, a1), rest = spans[0], spans[1:]
+        changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        changed["input_ids"][0, a0:a1] = (changed["input_ids"][0, a0:a1] + 7) % 200 + 5    # another conversation A
+        after = model(**changed).logits[0]
+        assert (after[a0:a1] - logits[a0:a1]).abs().max() > 1e-3           # A's own logits do change
+        for a, b in rest:                                                 # no later conversation sees it
+            assert (after[a:b] - logits[a:b]).abs().max() < 1e-6
+            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]   # and each is what it is alone
+            assert (alone - logits[a:b]).abs().max() < 1e-4
+
+
+def test_the_stage_packs_and_counts_the_tokens_it_trained(tiny_model, tmp_path):
+    from pipeline.data.dataset import write_dataset
+    from test_precision import train_config
+
+    data = tmp_path / "d"
+    data.mkdir()
+    write_dataset(data, [{"messages": c} for c in conversations(12)], 0.0)
+    summaries = {}
+    for packed in (False, True):
+        out = tmp_path / f"packed-{packed}"
+        out.mkdir()
+        cfg = train_config(packing=packed, max_steps=-1, num_epochs=1.0, batch_size=2, max_length=96)
+        summaries[packed] = sft.run(out, base_model=str(tiny_model), base_ref="builtin:tiny", stage_name="sft",
+                                    data={"d": data}, chat_template=TEMPLATE, config=cfg)
+        assert json.loads((out / "train_summary.json").read_text()) == summaries[packed]
+    plain, packed = summaries[False], summaries[True]
+    # one epoch either way: every conversation's tokens once, the same tokens with a loss
+    assert plain["tokens_trained"] == packed["tokens_trained"] > 0
+    assert plain["loss_tokens"] == packed["loss_tokens"] > 0
+    assert packed["steps"] < plain["steps"] == 6 and packed["packed_rows"] < plain["kept"] == 12
+    assert plain["padding_share"] > 0.1 and packed["padding_share"] == 0.0
+    assert plain["packing_efficiency"] is None and 0.5 < packed["packing_efficiency"] <= 1.0
+    assert packed["packing_efficiency"] == round(packed["tokens_trained"] / (packed["packed_rows"] * 96), 6)
+    assert (plain["packing"], packed["packing"]) == (False, True)
+
+
+def test_dpo_packing_is_refused_in_one_line(tmp_path):
+    from pipeline.core.recipe.load import load_recipes
+
+    import shutil
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes", ignore=shutil.ignore_patterns("*.toml"))
+    for name in ("zh_dpo.toml", "zh_dpo_demo.toml"):
+        shutil.copy(ROOT / "recipes" / name, tmp_path / "recipes")
+    (tmp_path / "recipes/p.toml").write_text('extends = "zh_dpo_demo.toml"\n[train.dpo]\npacking = true\n')
+    errors = []
+    load_recipes(tmp_path / "recipes", errors)
+    assert any("p.toml: train.dpo.packing: not a setting of method = 'dpo' (packing is TRL's SFT packing" in e
+               for e in errors), errors
+    assert TunebuildError
