@@ -396,7 +396,7 @@ def test_a_dpo_only_recipe_scores_its_held_out_pairs_and_a_silent_judge_warns(tm
     assert re.search(r"heldout: \d+ held-out preference pairs: preference_accuracy", out), out
     assert "judge: warning: the judge gave no verdict on 3 of 3" in out, out
     text = (project / "artifacts/report/dpo_only/comparison.md").read_text()
-    assert re.search(r"\| heldout \| heldout_preference \| margin \| \d+ \|", text), text
+    assert re.search(r"\| heldout \| heldout_preference \| margin \| hf \| \d+ \|", text), text
     assert "### base → dpo · heldout · margin" in text
     assert "| no_verdict_rate | 1.0000 | 3 |" in text and "> **Warning**: the judge gave no verdict" in text
     assert "Answers to the judge's instructions: base 3 (" in text
