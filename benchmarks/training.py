@@ -66,7 +66,8 @@ def _bare(model_dir: Path, data: Path, t: dict, template: str, trainer_cls, conf
     with tempfile.TemporaryDirectory() as out:
         args = config_cls(output_dir=out, max_steps=t["max_steps"], per_device_train_batch_size=t["batch_size"],
                           learning_rate=t["learning_rate"], max_length=t["max_length"], logging_steps=10,
-                          save_strategy="no", report_to="none", bf16=False, seed=t["seed"], **extra)
+                          save_strategy="no", report_to="none", bf16=False, seed=t["seed"],
+                          activation_checkpointing=False, **extra)   # as the stage (TRL's default is on)
         lora = LoraConfig(r=t["lora"]["r"], lora_alpha=t["lora"]["alpha"], lora_dropout=t["lora"]["dropout"],
                           target_modules=t["lora"]["target_modules"], task_type="CAUSAL_LM")
         trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list([to_row(r) for r in rows]),

@@ -18,8 +18,8 @@ non-pad count, so its packed figure counts padding slots too: an upper bound, wh
 
 LLaMA-Factory pins its own transformers / TRL, so it runs from a venv of its own (`python -m venv
 /work/venv-llamafactory && .../pip install torch llamafactory`), named by `--llamafactory`. Its packed run uses
-`neat_packing` (attention kept inside each conversation, as the stage's), and it runs without gradient
-checkpointing, as the others do (LLaMA-Factory's default is on).
+`neat_packing` (attention kept inside each conversation, as the stage's). No run checkpoints activations (the
+stage's default; TRL's and LLaMA-Factory's defaults are on, so both are turned off).
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def run_bare(model: Path, steps: int, packing: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
                          max_length=MAX_LENGTH, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                         seed=SEED, packing=packing, use_cpu=True)
+                         seed=SEED, packing=packing, use_cpu=True,
+                         activation_checkpointing=False)   # the same settings: TRL's default is on
         lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=lm, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,

@@ -90,6 +90,12 @@ def test_gradient_checkpointing_gives_the_same_training_and_stays_out_of_the_key
                                                                                     monkeypatch):
     from pipeline.stages import sft
 
+    from trl import DPOConfig, SFTConfig
+
+    for config in (SFTConfig, DPOConfig):   # TRL's configs default it to True: the stage's setting is explicit
+        for gc in (False, True):
+            args = config(**training.common_args(train_config(), str(tmp_path / "o"), "float32", "none", gc))
+            assert args.gradient_checkpointing is gc
     data = counting_data(tmp_path / "d")
     logs = []
     for gc in (False, True):

@@ -118,10 +118,13 @@ def trainer_args(t: dict, prec: str, gradient_checkpointing: bool) -> dict:
     # several processes: DDP need not look for unused weights (adapter, full and freeze weights all take part)
     args = dict(bf16=prec == "bfloat16", fp16=prec == "float16", use_cpu=not has_cuda(),
                 ddp_find_unused_parameters=False)
-    if gradient_checkpointing:  # transformers 5.x renames it; the old names then mirror the new ones (TRL reads them)
-        name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
-            else "gradient_checkpointing"
-        args.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
+    # always explicit: TRL's configs default it to True. transformers 5.x renames it (the old names then mirror the
+    # new ones, which TRL reads)
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    args[name] = gradient_checkpointing
+    if gradient_checkpointing:
+        args[f"{name}_kwargs"] = {"use_reentrant": False}
     if t.get("liger_kernel"):
         args["use_liger_kernel"] = True
     return args
