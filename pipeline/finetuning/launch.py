@@ -95,15 +95,11 @@ def run(fn, out_dir: Path, kwargs: dict, where: str):
 
 
 def _failure(where: str, code: int, results: dict, report: str, logs: str) -> Exception:
-    """The one-line error of a failed launch: a rank's own error (the lowest rank that wrote one), else the rank
-    torchrun saw die first, else the launcher's exit code."""
+    """The one-line error of a failed launch: a rank killed by a signal that torchrun saw die first (its peers'
+    errors, a broken collective, are what followed), else a rank's own error (the lowest rank that wrote one),
+    else the rank torchrun saw die first, else the launcher's exit code."""
     failed = sorted(r for r, res in results.items() if res.get("error"))
-    if failed:
-        rank, res = failed[0], results[failed[0]]
-        text = res["error"] if rank == 0 else f"rank {rank}: {res['error']}; log: {rank_log(logs, rank)}"
-        if res.get("bug") and rank == 0:
-            text += " (rank 0; see the task's log)"
-        return Unavailable(text) if res.get("unavailable") else TunebuildError(text)
+    died = None
     root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:Signal \d+ \((\w+)\))?",
                      report, re.S)
     if root:
@@ -114,7 +110,17 @@ def _failure(where: str, code: int, results: dict, report: str, logs: str) -> Ex
             except ValueError:
                 sig = None
         how = f"was killed ({sig})" if exit_code < 0 or sig else f"exited with code {exit_code}"
-        return TunebuildError(f"{where}: rank {rank} of the training {how}; log: {rank_log(logs, rank)}")
+        died = (rank, how, exit_code < 0 or bool(sig))
+    if died and died[2] and died[0] not in failed:
+        return TunebuildError(f"{where}: rank {died[0]} of the training {died[1]}; log: {rank_log(logs, died[0])}")
+    if failed:
+        rank, res = failed[0], results[failed[0]]
+        text = res["error"] if rank == 0 else f"rank {rank}: {res['error']}; log: {rank_log(logs, rank)}"
+        if res.get("bug") and rank == 0:
+            text += " (rank 0; see the task's log)"
+        return Unavailable(text) if res.get("unavailable") else TunebuildError(text)
+    if died:
+        return TunebuildError(f"{where}: rank {died[0]} of the training {died[1]}; log: {rank_log(logs, died[0])}")
     return TunebuildError(f"{where}: accelerate launch exited with code {code} before any rank reported; see the "
                           f"task's log")
 
