@@ -39,7 +39,8 @@ def test_sft_dpo_chain_qlora_and_full_fine_tune_build_offline(tmp_path):
     recipes = ("zh_dpo_demo.toml", "dolly_qlora_demo.toml", "mini_lima_full_demo.toml", "demo.toml", "mini_lima.toml")
     project = copy_project(tmp_path, recipes=recipes)
     executed, _, out, _ = run_doit(project, "build:zh_dpo_demo", "build:dolly_qlora_demo", "build:demo",
-                                   "build:mini_lima_full_demo", env={"HF_HUB_OFFLINE": "1"})
+                                   "build:mini_lima_full_demo", env={"HF_HUB_OFFLINE": "1"},
+                                   timeout=1800)  # four recipes end to end: ~12 min on a loaded 2-core machine
     executed = set(executed)
     assert {"sft:zh_dpo_demo.sft", "merge:zh_dpo_demo.sft", "dpo:zh_dpo_demo.dpo", "merge:zh_dpo_demo.dpo",
             "sft:dolly_qlora_demo.sft", "merge:dolly_qlora_demo.sft", "sft:mini_lima_full_demo.sft"} <= executed, out
