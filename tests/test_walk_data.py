@@ -175,7 +175,7 @@ def test_hub_ids_stay_hub_ids(tmp_path, source):
     ("[train.sft.lora]\nlora_alpha = 8\n", "unknown key 'train.sft.lora.lora_alpha' (did you mean alpha?)"),
     ('[data.x]\nsource = "data/pairs.json"\nspilt = "train"\n', "unknown key 'data.x.spilt' (did you mean split?)"),
     ("[eval]\nbatchsize = 2\n", "unknown key 'eval.batchsize' (did you mean batch_size?)"),
-    ("[train.sft]\nzzz = 1\n", "unknown key 'train.sft.zzz' (known keys here: batch_size"),
+    ("[train.sft]\nzzz = 1\n", "unknown key 'train.sft.zzz' (known keys here: attn_implementation, batch_size"),
 ])
 def test_an_unknown_key_suggests_the_nearest_known_one(tmp_path, body, message):
     assert message in refusal(tmp_path, body)
