@@ -89,6 +89,60 @@ def test_no_token_attends_across_a_conversation_boundary(tiny_model, tmp_path, a
             assert (alone - logits[a:b]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_label_position_loss_is_trls_and_projects_only_label_positions(tiny_model, tmp_path, packed):
+    """`pipeline.finetuning.sft_loss` (the stage's loss on a CPU): the same loss, gradients and metrics as TRL's
+    fused LM head, packed and padded, through PEFT; the LM head sees the label positions only."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.finetuning import sft_loss
+    from pipeline.models.hf import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    tok.chat_template = TEMPLATE.read_text()
+    rows, _ = sft.tokenize_conversations(conversations(), tok, 96, TEMPLATE)
+    results = []
+    for cls in (SFTTrainer, sft_loss.on_label_positions(SFTTrainer)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        args = SFTConfig(output_dir=str(tmp_path / cls.__module__), max_length=96, completion_only_loss=True,
+                         report_to="none", use_cpu=True, per_device_train_batch_size=8,
+                         **packing.sft_args({"packing": packed}))
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM")
+        trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                      peft_config=lora)
+        data = trainer.train_dataset
+        batch = trainer.data_collator([data[i] for i in range(len(data))])
+        assert ("attention_mask" not in batch) == packed
+        projected = []
+        head = trainer.model.get_base_model().lm_head
+        hook = head.register_forward_hook(lambda m, i, o: projected.append(i[0].shape[:-1].numel()))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        hook.remove()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append((loss.item(), grads, metrics, projected))
+    (trl_loss, trl_grads, trl_metrics, _), (loss, grads, metrics, projected) = results
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    if packed:
+        assert projected == [labelled]                  # the LM head ran on the label positions only
+    else:                                               # padded rows: the positions labelled in some row
+        assert projected == [batch["input_ids"].shape[0] * int((batch["labels"][:, 1:] != -100).any(0).sum())]
+        assert projected[0] < batch["input_ids"].numel()
+    assert abs(loss - trl_loss) < 1e-5, (loss, trl_loss)
+    assert grads.keys() == trl_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.allclose(grads[name], trl_grads[name], atol=1e-6, rtol=1e-4), name
+    assert metrics.keys() == trl_metrics.keys()
+    for key in metrics:
+        assert abs(metrics[key] - trl_metrics[key]) < 1e-4, (key, metrics[key], trl_metrics[key])
+
+
 def test_the_stage_packs_and_counts_the_tokens_it_trained(tiny_model, tmp_path):
     from pipeline.data.dataset import write_dataset
     from test_precision import train_config

@@ -9,8 +9,9 @@ adapter, provided as `trained` for the merge stage) or, for full and freeze fine
 
 Each canonical `messages` record is rendered with the recipe's chat template and tokenized here, with a
 completion mask over every assistant turn (the loss is on the answers of all turns, not only the last one); TRL
-then trains on `input_ids` + `completion_mask` (`completion_only_loss`). Conversations longer than `max_length`
-are truncated; one with no answer token left is dropped. Kept, truncated and dropped counts go to
+then trains on `input_ids` + `completion_mask` (`completion_only_loss`); where TRL's fused LM head has no kernel
+(a CPU), the loss projects the LM head at the assistant tokens only (`pipeline.finetuning.sft_loss`).
+Conversations longer than `max_length` are truncated; one with no answer token left is dropped. Kept, truncated and dropped counts go to
 `train_summary.json` and the console, and the stage fails when more than `max_dropped_fraction` is dropped
 (TRL would otherwise drop such examples silently). `train_log.jsonl` holds loss, learning rate and grad norm per
 logging step; no timings, so an identical run gives an identical artifact.
@@ -28,7 +29,7 @@ from pathlib import Path
 from pipeline.core.stage import Stage
 from pipeline.errors import TunebuildError
 
-STAGE = Stage(name="sft", version=7, phase="train", section="train.<name>", gpus="train.<name>.gpus",
+STAGE = Stage(name="sft", version=8, phase="train", section="train.<name>", gpus="train.<name>.gpus",
               doc="Supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA, full, freeze).")
 
 
@@ -87,8 +88,7 @@ def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, dat
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.finetuning import packing
-    from pipeline.finetuning import training
+    from pipeline.finetuning import packing, sft_loss, training
 
     c = config
     where, prec, model, tokenizer, peft_config, template = training.prepare(base_model, base_ref, stage_name, c,
@@ -108,8 +108,9 @@ def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, dat
         output_dir = str(scratch) if scratch is not None else tmp
         args = SFTConfig(**training.common_args(c, output_dir, prec, report_to, gradient_checkpointing),
                          max_length=c["max_length"], completion_only_loss=True, **packing.sft_args(c))
-        trainer = packing.counting(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                               processing_class=tokenizer, peft_config=peft_config)
+        trainer_cls = packing.counting(sft_loss.on_label_positions(SFTTrainer))
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=peft_config)
         fitted = training.fit(trainer, scratch, where)
     tokens = packing.summary(trainer, c)
     print(f"sft {stage_name}: {packing.describe(tokens, c)}", flush=True)
