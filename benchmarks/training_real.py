@@ -13,8 +13,10 @@ stage at >= 1.0x LLaMA-Factory's packed tokens/s, and at <= 1.05x bare TRL's pac
 
 Tokens: the stage's `tokens_trained` (train_summary.json); TRL's own `num_tokens` metric for the bare script (the
 same count: the attention mask's ones, or the padding-free row's length); LLaMA-Factory's `num_input_tokens_seen`
-with `include_num_input_tokens_seen: non_padding` unpacked, and packed `all` (its neat-packing 4D mask defeats the
-non-pad count, so its packed figure counts padding slots too: an upper bound, which only flatters it).
+with `include_num_input_tokens_seen: non_padding`. Packed, neat packing hands the model a 4D block mask whose sum
+means nothing, so transformers' count is taken there (through a `sitecustomize` on the LLaMA-Factory process's
+path, `LF_COUNT`) as the query positions that attend to anything: its rows are padded to `cutoff_len`, and a pad
+position attends to nothing.
 
 LLaMA-Factory pins its own transformers / TRL, so it runs from a venv of its own (`python -m venv
 /work/venv-llamafactory && .../pip install torch llamafactory`), named by `--llamafactory`. Its packed run uses
@@ -140,13 +142,31 @@ def llamafactory_config(folder: Path, model: Path, steps: int, packing: bool) ->
              "gradient_accumulation_steps": 1, "learning_rate": LR, "lr_scheduler_type": "linear",
              "max_steps": steps, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "output_dir": str(out),
              "seed": SEED, "bf16": False, "fp16": False, "packing": packing, "neat_packing": packing,
-             # packed, neat_packing's 4D block mask defeats the non-pad count: slots (>= tokens) are counted
-             "include_num_input_tokens_seen": "all" if packing else "non_padding", "preprocessing_num_workers": 1,
+             "include_num_input_tokens_seen": "non_padding",   # packed: counted by LF_COUNT "preprocessing_num_workers": 1,
              "dataloader_num_workers": 0, "use_cpu": True, "trust_remote_code": False,
              "disable_gradient_checkpointing": True}   # LLaMA-Factory checkpoints by default; the others do not
     cfg = folder / f"lf-{packing}.yaml"
     cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in lines.items()))
     return cfg
+
+
+LF_COUNT = """# benchmarks/training_real.py: LLaMA-Factory's non-pad tokens under neat packing's 4D mask
+import torch
+from transformers import trainer as _trainer
+
+_track = _trainer.Trainer._track_num_input_tokens
+
+
+def _track_4d(self, inputs):
+    mask = inputs.get("attention_mask")
+    if self.args.include_num_input_tokens_seen != "non_padding" or mask is None or mask.dim() != 4:
+        return _track(self, inputs)
+    tokens = torch.as_tensor((mask[:, 0] == 0).any(-1).sum(), device=self.args.device, dtype=torch.int64)
+    self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+
+_trainer.Trainer._track_num_input_tokens = _track_4d
+"""
 
 
 def llamafactory_result(cfg: Path) -> dict:
@@ -207,8 +227,12 @@ def main(argv: list[str]) -> None:
                 if not args.llamafactory:
                     continue
                 cfg = llamafactory_config(tmp, model, args.steps, packed)
+                count = tmp / "lf-count"
+                count.mkdir(exist_ok=True)
+                (count / "sitecustomize.py").write_text(LF_COUNT)
                 code, wall, cpu, rss, out = measured([args.llamafactory, "train", str(cfg)],
-                                                {"DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
+                                                {"DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": "",
+                                                 "PYTHONPATH": str(count)})
                 result = llamafactory_result(cfg) if code == 0 else None
             else:
                 kind = "stage" if name == "stage" else "bare"

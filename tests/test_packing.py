@@ -23,8 +23,10 @@ def conversations(n=7):
     return out
 
 
-def prepared(tiny_model, tmp_path, attn: str):
-    """(model, tokenizer rows, the packed batch the SFT stage's trainer feeds its model)."""
+def prepared(tiny_model, tmp_path, attn: str, layout: str = "flat"):
+    """(model, tokenizer rows, the packed batch the SFT stage's trainer feeds its model, the conversations'
+    spans in it as (row, start, end)): `flat` is TRL's padding-free row (flash attention), `rows` the stage's
+    dense rows (`packing.DenseRows`, sdpa / eager)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -38,21 +40,35 @@ def prepared(tiny_model, tmp_path, attn: str):
     args = SFTConfig(output_dir=str(tmp_path), max_length=96, completion_only_loss=True, report_to="none",
                      use_cpu=True, per_device_train_batch_size=8, **packing.sft_args({"packing": True}))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert not packing.varlen_attention(trainer.model)
+    if layout == "rows":
+        packing.dense_rows(trainer)
+        assert isinstance(trainer.data_collator, packing.DenseRows)
     packed = trainer.train_dataset
     assert len(packed) < len(rows)                                       # several conversations share a row
-    batch = trainer.data_collator([packed[i] for i in range(len(packed))])
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1   # padding-free: one flat row
-    return model, rows, batch
+    examples = [packed[i] for i in range(len(packed))]
+    batch = trainer.data_collator(examples)
+    assert "attention_mask" not in batch                                 # the boundaries are in the position ids
+    spans, offset = [], 0
+    for row, e in enumerate(examples):
+        start = 0 if layout == "rows" else offset
+        for length in e["seq_lengths"]:
+            spans.append((0 if layout == "flat" else row, start, start + length))
+            start += length
+        offset = start
+    if layout == "flat":
+        assert batch["input_ids"].shape[0] == 1                          # padding-free: one flat row
+    else:
+        assert batch["input_ids"].shape == (len(examples), max(len(e["input_ids"]) for e in examples))
+        assert int(batch.pop(packing.TOKENS)) == sum(len(e["input_ids"]) for e in examples) < batch["input_ids"].numel()
+        assert batch["input_ids"].shape[0] > 1
+    return model, rows, batch, spans
 
 
-def segments(position_ids):
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
-    return list(zip(starts[:-1], starts[1:]))
-
-
+@pytest.mark.parametrize("layout", ["flat", "rows"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_is_the_unpacked_loss_and_stays_on_assistant_tokens(tiny_model, tmp_path, attn):
-    model, rows, batch = prepared(tiny_model, tmp_path, attn)
+def test_packed_loss_is_the_unpacked_loss_and_stays_on_assistant_tokens(tiny_model, tmp_path, attn, layout):
+    model, rows, batch, spans = prepared(tiny_model, tmp_path, attn, layout)
     total, n = 0.0, 0
     with torch.no_grad():
         for r in rows:  # each conversation alone, unpadded
@@ -66,31 +82,39 @@ def test_packed_loss_is_the_unpacked_loss_and_stays_on_assistant_tokens(tiny_mod
     assert abs(packed - total / n) < 1e-4, (packed, total / n)
     # the labels are the completion mask's: every loss token of the packed row is an assistant token of its row
     by_tokens = sorted(tuple(t for t, m in zip(r["input_ids"], r["completion_mask"]) if m) for r in rows)
-    packed_labels = sorted(tuple(t for t in batch["labels"][0, a:b].tolist() if t != -100)
-                           for a, b in segments(batch["position_ids"]))
+    packed_labels = sorted(tuple(t for t in batch["labels"][row, a:b].tolist() if t != -100) for row, a, b in spans)
     assert packed_labels == by_tokens
+    if layout == "rows":                                                 # the padded tails carry no label
+        ends = {}
+        for row, a, b in spans:
+            ends[row] = max(ends.get(row, 0), b)
+        assert all((batch["labels"][row, end:] == -100).all() for row, end in ends.items())
 
 
+@pytest.mark.parametrize("layout", ["flat", "rows"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_no_token_attends_across_a_conversation_boundary(tiny_model, tmp_path, attn):
-    model, rows, batch = prepared(tiny_model, tmp_path, attn)
-    spans = segments(batch["position_ids"])
+def test_no_token_attends_across_a_conversation_boundary(tiny_model, tmp_path, attn, layout):
+    model, rows, batch, spans = prepared(tiny_model, tmp_path, attn, layout)
     assert len(spans) == len(rows) >= 3
     with torch.no_grad():
-        logits = model(**batch).logits[0]
-        (a0, a1), rest = spans[0], spans[1:]
+        logits = model(**batch).logits
+        # A: the first conversation of a row it shares with others (so later tokens of its row could see it)
+        shared = [s for s in spans if sum(row == s[0] for row, _, _ in spans) > 1 and s[1] == 0]
+        assert shared
+        r0, a0, a1 = shared[0]
+        rest = [s for s in spans if s != shared[0]]
         changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-        changed["input_ids"][0, a0:a1] = (changed["input_ids"][0, a0:a1] + 7) % 200 + 5    # another conversation A
-        after = model(**changed).logits[0]
-        assert (after[a0:a1] - logits[a0:a1]).abs().max() > 1e-3           # A's own logits do change
-        for a, b in rest:                                                 # no later conversation sees it
-            assert (after[a:b] - logits[a:b]).abs().max() < 1e-6
-            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]   # and each is what it is alone
-            assert (alone - logits[a:b]).abs().max() < 1e-4
+        changed["input_ids"][r0, a0:a1] = (changed["input_ids"][r0, a0:a1] + 7) % 200 + 5    # another A
+        after = model(**changed).logits
+        assert (after[r0, a0:a1] - logits[r0, a0:a1]).abs().max() > 1e-3       # A's own logits do change
+        for row, a, b in rest:                                          # no other conversation sees it
+            assert (after[row, a:b] - logits[row, a:b]).abs().max() < 1e-6
+            alone = model(input_ids=batch["input_ids"][row:row + 1, a:b]).logits[0]   # each is what it is alone
+            assert (alone - logits[row, a:b]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_the_label_position_loss_is_trls_and_projects_only_label_positions(tiny_model, tmp_path, packed):
+@pytest.mark.parametrize("layout", ["flat", "rows", "padded"])
+def test_the_label_position_loss_is_trls_and_projects_only_label_positions(tiny_model, tmp_path, layout):
     """`pipeline.finetuning.sft_loss` (the stage's loss on a CPU): the same loss, gradients and metrics as TRL's
     fused LM head, packed and padded, through PEFT; the LM head sees the label positions only."""
     from datasets import Dataset
@@ -109,14 +133,18 @@ def test_the_label_position_loss_is_trls_and_projects_only_label_positions(tiny_
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
         args = SFTConfig(output_dir=str(tmp_path / cls.__module__), max_length=96, completion_only_loss=True,
                          report_to="none", use_cpu=True, per_device_train_batch_size=8,
-                         **packing.sft_args({"packing": packed}))
+                         **packing.sft_args({"packing": layout != "padded"}))
         lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                           task_type="CAUSAL_LM")
         trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                       peft_config=lora)
+        if layout == "rows":
+            packing.dense_rows(trainer)
         data = trainer.train_dataset
         batch = trainer.data_collator([data[i] for i in range(len(data))])
-        assert ("attention_mask" not in batch) == packed
+        batch.pop(packing.TOKENS, None)
+        assert ("attention_mask" not in batch) == (layout != "padded")
+        assert (batch["input_ids"].shape[0] == 1) == (layout == "flat")
         projected = []
         head = trainer.model.get_base_model().lm_head
         hook = head.register_forward_hook(lambda m, i, o: projected.append(i[0].shape[:-1].numel()))
@@ -129,9 +157,9 @@ def test_the_label_position_loss_is_trls_and_projects_only_label_positions(tiny_
         results.append((loss.item(), grads, metrics, projected))
     (trl_loss, trl_grads, trl_metrics, _), (loss, grads, metrics, projected) = results
     labelled = int((batch["labels"][:, 1:] != -100).sum())
-    if packed:
+    if layout == "flat" or sft_loss._masks_logits(trainer.model.get_base_model()):
         assert projected == [labelled]                  # the LM head ran on the label positions only
-    else:                                               # padded rows: the positions labelled in some row
+    else:                                               # several rows: the positions labelled in some row
         assert projected == [batch["input_ids"].shape[0] * int((batch["labels"][:, 1:] != -100).any(0).sum())]
         assert projected[0] < batch["input_ids"].numel()
     assert abs(loss - trl_loss) < 1e-5, (loss, trl_loss)
@@ -139,6 +167,8 @@ def test_the_label_position_loss_is_trls_and_projects_only_label_positions(tiny_
     for name in grads:
         assert torch.allclose(grads[name], trl_grads[name], atol=1e-6, rtol=1e-4), name
     assert metrics.keys() == trl_metrics.keys()
+    if layout == "rows":   # TRL counts a position-ids batch's width (one flat row's slots): all rows' slots here
+        assert metrics.pop("num_tokens") == batch["input_ids"].numel() > trl_metrics["num_tokens"]
     for key in metrics:
         assert abs(metrics[key] - trl_metrics[key]) < 1e-4, (key, metrics[key], trl_metrics[key])
 
@@ -163,7 +193,9 @@ def test_the_stage_packs_and_counts_the_tokens_it_trained(tiny_model, tmp_path):
     assert plain["tokens_trained"] == packed["tokens_trained"] > 0
     assert plain["loss_tokens"] == packed["loss_tokens"] > 0
     assert packed["steps"] < plain["steps"] == 6 and packed["packed_rows"] < plain["kept"] == 12
-    assert plain["padding_share"] > 0.1 and packed["padding_share"] == 0.0
+    # on this CPU (sdpa) packed rows stay rows, padded to the batch's longest: less padding than one conversation
+    # per row, not none (a flat padding-free row has none: tests above)
+    assert plain["padding_share"] > 0.1 and 0.0 < packed["padding_share"] < plain["padding_share"]
     assert plain["packing_efficiency"] is None and 0.5 < packed["packing_efficiency"] <= 1.0
     assert packed["packing_efficiency"] == round(packed["tokens_trained"] / (packed["packed_rows"] * 96), 6)
     assert (plain["packing"], packed["packing"]) == (False, True)

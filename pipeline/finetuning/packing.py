@@ -11,6 +11,16 @@ boundaries back from the position ids: `sdpa` and `eager` get a block-diagonal c
 attends across a conversation's boundary, and the per-token loss of a packed batch is the unpacked one
 (tests/test_packing.py).
 
+Flash attention's varlen kernel attends inside each conversation of that one flat row at the cost of the
+conversations themselves. `sdpa` and `eager` (a CPU, or a GPU without flash-attn) have no such kernel: they
+compute the whole flat row's `(batch x max_length)^2` scores and mask most of them away. For them the stage keeps
+TRL's packed rows as rows (`dense_rows`): a `(batch, longest row)` batch, each row's position ids restarting at
+every conversation and its padded tail a segment of its own that carries no label, still without an attention
+mask, so transformers builds the same block-diagonal mask per row: a row's attention costs `max_length^2`, as in
+LLaMA-Factory's neat packing (measured: the forward of four 512-token rows in ~0.87x the flat row's time, on a
+Qwen1.5-0.5B shape on this CPU). The loss and what attends to what are the same (tests/test_packing.py); the
+padded tails are slots fed, not tokens trained.
+
 Packing changes what a step holds: a row carries several conversations, so an epoch takes fewer steps and a
 `max_steps` run trains on more tokens. The summary says how much: `tokens_trained` (non-pad tokens fed to the model,
 all processes), `loss_tokens` (those with a loss), `padding_share` (pad slots / all slots fed), and, packed,
@@ -26,6 +36,51 @@ def sft_args(config: dict) -> dict:
     if not config.get("packing"):
         return {"packing": False}
     return {"packing": True, "packing_strategy": "bfd", "padding_free": True}
+
+
+def varlen_attention(model) -> bool:
+    """Whether `model` attends with a varlen (flash) kernel, which takes the padding-free flat row as it is."""
+    return "flash" in (getattr(model.config, "_attn_implementation", None) or "")
+
+
+TOKENS = "tunebuild_tokens"   # a dense-rows batch's non-pad token count; `counting` takes it out
+
+
+class DenseRows:
+    """TRL's best-fit packed rows (`input_ids`, `labels`, `seq_lengths`) as a `(rows, longest row)` batch for dense
+    attention: position ids restart at each conversation, each conversation's first label is -100 (as TRL's
+    padding-free collator sets it: no token is predicted across a boundary), and a row's padded tail is one more
+    segment, of pad tokens without labels. No attention mask, so transformers reads the boundaries per row."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids, labels, positions = [], [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            pad = width - n
+            pos = torch.cat([torch.arange(length) for length in e["seq_lengths"]] + [torch.arange(pad)])
+            row_labels = torch.cat([torch.tensor(e.get("labels", e["input_ids"])), torch.full((pad,), -100)])
+            row_labels[pos == 0] = -100
+            ids.append(torch.cat([torch.tensor(e["input_ids"]), torch.full((pad,), self.pad_token_id)]))
+            labels.append(row_labels)
+            positions.append(pos)
+        tokens = torch.tensor(sum(len(e["input_ids"]) for e in examples))
+        return {"input_ids": torch.stack(ids), "labels": torch.stack(labels), "position_ids": torch.stack(positions),
+                TOKENS: tokens}
+
+
+def dense_rows(trainer) -> None:
+    """A packed trainer feeds dense attention `DenseRows` instead of one flat padding-free row."""
+    if trainer.args.packing and not varlen_attention(trainer.model):
+        collator = trainer.data_collator
+        trainer.data_collator = DenseRows(collator.pad_token_id, getattr(collator, "pad_to_multiple_of", None))
 
 
 def counter():
@@ -72,7 +127,9 @@ def counting(trainer_cls):
 
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
-            tokens = mask.sum() if mask is not None else torch.tensor(ids.numel())  # padding-free: no padding
+            tokens = inputs.pop(TOKENS, None)                                   # dense packed rows
+            if tokens is None:
+                tokens = mask.sum() if mask is not None else torch.tensor(ids.numel())  # padding-free: no padding
             labels = inputs["labels"]
             slots = torch.tensor(ids.numel(), device=ids.device)
             counts = torch.stack([tokens.to(ids.device), (labels[:, 1:] != -100).sum(), slots])

@@ -10,7 +10,8 @@ a LoRA step: the SFT stage trained at 0.67x LLaMA-Factory's packed tokens/s on a
 
 `on_label_positions(SFTTrainer)` is SFTTrainer with the loss computed, on such devices, as the model computes
 logits for generation: the model's own forward with `logits_to_keep` set to the positions whose next token has a
-label (the assistant tokens: `completion_mask`; in a packed row, never a conversation's first token), then one
+label (the assistant tokens: `completion_mask`; in a packed row, never a conversation's first token; in a batch
+of several rows, each row's own where transformers takes a boolean mask there), then one
 cross-entropy over those logits, summed and divided by TRL's `num_items_in_batch`, exactly TRL's reduction (and,
 like TRL, scaled by the number of processes when the tokens are averaged across them). The forward goes through the
 wrapped model (DDP, PEFT), so the gradients are synchronised as TRL's are. TRL's metrics (`entropy`,
@@ -29,6 +30,35 @@ def fused_head_compiled(device) -> bool:
     return device.type in ("cuda", "xpu") and is_triton_available()
 
 
+def _unwrap(model):
+    """The transformers model under DDP and PEFT (PEFT's forward hands the keywords to it)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+_MASKS: dict[type, bool] = {}
+
+
+def _masks_logits(model) -> bool:
+    """Whether `model`'s forward takes a `(batch, length)` boolean `logits_to_keep` (transformers' newer
+    `slice_logits_to_keep`: the True positions of every row, flattened); an older one would index the sequence
+    axis with it, so it gets the union of the rows' positions instead."""
+    import sys
+
+    import torch
+
+    cls = type(model)
+    if cls not in _MASKS:
+        slicer = getattr(sys.modules.get(cls.__module__), "slice_logits_to_keep", None)
+        try:
+            probe = slicer(torch.zeros(2, 3, 1), torch.tensor([[True, False, True], [False, False, True]]))
+            _MASKS[cls] = tuple(probe.shape) == (3, 1)
+        except Exception:
+            _MASKS[cls] = False
+    return _MASKS[cls]
+
+
 def on_label_positions(trainer_cls):
     """`trainer_cls` (an `SFTTrainer`) whose plain `nll` loss, where TRL's fused head has no kernel, projects the
     LM head at the label positions only."""
@@ -40,11 +70,7 @@ def on_label_positions(trainer_cls):
         def _plain_loss(self, model) -> bool:
             args = self.args
             sequence_parallel = getattr(getattr(self.accelerator, "parallelism_config", None), "sp_enabled", False)
-            base = model
-            while hasattr(base, "module"):  # DDP
-                base = base.module
-            if hasattr(base, "get_base_model"):  # PEFT: its forward hands the keywords to the model's
-                base = base.get_base_model()
+            base = _unwrap(model)
             return (self.compute_loss_func is None and self.label_smoother is None
                     and getattr(args, "loss_type", "nll") == "nll" and not self.aux_loss_enabled
                     and not sequence_parallel and not fused_head_compiled(next(base.parameters()).device)
@@ -55,12 +81,16 @@ def on_label_positions(trainer_cls):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
             labels = inputs["labels"][:, 1:]
-            keep = (labels != -100).any(0).nonzero().flatten()  # positions whose next token has a label
+            labelled = labels != -100                           # positions whose next token has a label
+            if labels.shape[0] > 1 and _masks_logits(_unwrap(model)):
+                keep, targets = torch.nn.functional.pad(labelled, (0, 1), value=False), labels[labelled]
+            else:   # one row (padding-free): exact; several: the positions labelled in any row
+                keep = labelled.any(0).nonzero().flatten()
+                targets = labels[:, keep]
             forward = {k: v for k, v in inputs.items() if k != "labels"}
             logits = model(**forward, use_cache=False, logits_to_keep=keep).logits
-            targets = labels[:, keep]
             mask = targets != -100
-            logits = logits.float().flatten(0, 1)
+            logits = logits.float().reshape(-1, logits.shape[-1])
             loss = torch.nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
             count = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(count).clamp(min=1)
@@ -85,9 +115,9 @@ def on_label_positions(trainer_cls):
             if mode == "train":
                 if "attention_mask" in inputs:
                     tokens = gather(inputs["attention_mask"].sum()).sum().item()
-                else:  # padding-free: one row, every slot a token
-                    ids = inputs.get("position_ids", inputs["input_ids"])
-                    tokens = gather(torch.tensor(ids.size(1), device=ids.device)).sum().item()
+                else:  # packed: every slot (padding-free: each a token; dense rows: their padded tails too)
+                    ids = inputs["input_ids"]
+                    tokens = gather(torch.tensor(ids.numel(), device=ids.device)).sum().item()
                 self._total_train_tokens += tokens // self._tp_size
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 

@@ -16,8 +16,8 @@ Conversations longer than `max_length` are truncated; one with no answer token l
 (TRL would otherwise drop such examples silently). `train_log.jsonl` holds loss, learning rate and grad norm per
 logging step; no timings, so an identical run gives an identical artifact.
 
-With `packing = true` TRL packs the conversations best-fit into `max_length` rows, padding-free, attention kept
-inside each conversation (`pipeline.finetuning.packing`); the summary counts the tokens trained, those with a loss, the padding
+With `packing = true` TRL packs the conversations best-fit into `max_length` rows, attention kept inside each
+conversation (padding-free for flash attention, rows of their own for sdpa / eager: `pipeline.finetuning.packing`); the summary counts the tokens trained, those with a loss, the padding
 share and the packing efficiency. Several processes (`processes`, one per GPU the task holds by default; `strategy`: ddp, fsdp, zero2, zero3) run
 `train` in every rank under `accelerate launch` (`pipeline.finetuning.launch`); rank 0 alone writes the output.
 """
@@ -111,6 +111,7 @@ def train(out_dir: Path, *, base_model: str, base_ref: str, stage_name: str, dat
         trainer_cls = packing.counting(sft_loss.on_label_positions(SFTTrainer))
         trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer, peft_config=peft_config)
+        packing.dense_rows(trainer)
         fitted = training.fit(trainer, scratch, where)
     tokens = packing.summary(trainer, c)
     print(f"sft {stage_name}: {packing.describe(tokens, c)}", flush=True)

@@ -209,9 +209,9 @@ SCHEMA: dict = {
         "attn_implementation": Key(str, "auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
                                    doc="the attention kernel; auto: flash_attention_2 where a GPU, flash-attn and a "
                                        "16-bit precision are there, else transformers' default (sdpa)"),
-        "packing": Key(bool, False, doc="sft: pack whole conversations best-fit into max_length rows (TRL's bfd, "
-                                        "padding-free; attention stays inside each conversation): fewer steps per "
-                                        "epoch, more tokens per step"),
+        "packing": Key(bool, False, doc="sft: pack whole conversations best-fit into max_length rows (TRL's bfd; "
+                                        "attention stays inside each conversation; padding-free under flash "
+                                        "attention): fewer steps per epoch, more tokens per step"),
         "liger_kernel": Key(bool, False, doc="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
                                              "cross-entropy): a GPU and pip install -e '.[liger]'"),
         "save_steps": Key(int, 0, min=0, doc="checkpoint every N steps into artifacts/.scratch, so a killed "
