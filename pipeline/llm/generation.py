@@ -55,8 +55,10 @@ class HFEngine:
         import inspect
 
         # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this version has
-        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "past_key_values"
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # the prompt's forward projects its last position only (the others' logits are never read)
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's token ids (an empty prompt starts from the BOS token, or the pad token)."""
@@ -126,8 +128,9 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                logits = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=positions,
-                                    use_cache=True, **{self.cache_arg: cache}).logits[:, -1, :].float()
+                out = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=positions,
+                                 use_cache=True, **{self.cache_arg: cache}, **self.last_logits)
+                logits = out.logits[:, -1, :].float()
                 nxt = self._pick(logits, temperature, top_p, gens)
                 nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
                 for k in torch.nonzero(~done).flatten().tolist():
