@@ -142,7 +142,8 @@ def llamafactory_config(folder: Path, model: Path, steps: int, packing: bool) ->
              "gradient_accumulation_steps": 1, "learning_rate": LR, "lr_scheduler_type": "linear",
              "max_steps": steps, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "output_dir": str(out),
              "seed": SEED, "bf16": False, "fp16": False, "packing": packing, "neat_packing": packing,
-             "include_num_input_tokens_seen": "non_padding",   # packed: counted by LF_COUNT "preprocessing_num_workers": 1,
+             "include_num_input_tokens_seen": "non_padding",   # packed: counted by LF_COUNT
+             "preprocessing_num_workers": 1,
              "dataloader_num_workers": 0, "use_cpu": True, "trust_remote_code": False,
              "disable_gradient_checkpointing": True}   # LLaMA-Factory checkpoints by default; the others do not
     cfg = folder / f"lf-{packing}.yaml"
