@@ -10,10 +10,13 @@ PROMPTS = [f"Question {i}: what is {'the capital of France ' * (i % 5)}?" for i 
     ["Write a haiku about the sea.", "1 + 1 =", ""]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    model, tok = load_causal_lm(str(tiny_model))
-    return HFEngine(str(tiny_model), model=model, tokenizer=tok, batch_size=6)
+@pytest.fixture(scope="module", params=["tiny", "wide"])
+def engine(request, tiny_model, wide_model):
+    """The built-in tiny model (whose greedy answers repeat one byte), and a 2-layer Llama with grouped KV heads
+    whose greedy answers vary token by token (so an answer that went astray would show)."""
+    folder = str(tiny_model if request.param == "tiny" else wide_model)
+    model, tok = load_causal_lm(folder)
+    return HFEngine(folder, model=model, tokenizer=tok, batch_size=6)
 
 
 def _one_at_a_time(engine, prompt, max_new_tokens):
@@ -96,3 +99,101 @@ def test_a_local_model_folder_is_asked_by_its_content(tiny_model, tmp_path):
     weights.write_bytes(bytes(data))
     after = make_client(config, generator=str(folder), ledger=tmp_path / "l.sqlite").model_id
     assert before != after and before.startswith("models/mine@")
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_answer_the_same(wide_model, monkeypatch):
+    """A token most answers say early is made the stop token: rows end at different steps, the ended rows leave the
+    batch and its cache, and every answer still equals the one-at-a-time `generate` with that stop token."""
+    from collections import Counter
+
+    from pipeline.llm import generation
+
+    model, tok = load_causal_lm(str(wide_model))
+    engine = HFEngine(str(wide_model), model=model, tokenizer=tok)
+    prompts = PROMPTS[:10]
+    rows = [engine.encode(p) for p in prompts]
+    free = engine._decode(rows, 24, 0.0, 1.0, None)
+    early = Counter(t for answer in free for t in set(answer[:12]))
+    stop = early.most_common(1)[0][0]
+    ends = sorted(a.index(stop) for a in free if stop in a)
+    assert len(ends) >= 3 and ends[0] < ends[-1], ends  # rows end at different steps
+    selected = []
+    real = generation._slots().batch_select_indices
+    monkeypatch.setattr(generation._slots(), "batch_select_indices",
+                        lambda self, idx: (selected.append(int(idx.shape[0])), real(self, idx)))
+    monkeypatch.setattr(engine, "stop_ids", [stop])
+    got = engine._decode(rows, 24, 0.0, 1.0, None)
+    assert selected and min(selected) < len(rows)
+    for row, answer in zip(rows, got):
+        ids = torch.tensor([row])
+        with torch.no_grad():
+            out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=24, eos_token_id=stop, pad_token_id=stop)
+        alone = out[0, len(row):].tolist()
+        assert answer == (alone[:-1] if alone and alone[-1] == stop else alone)
+
+
+def test_prefill_groups_keep_padding_small():
+    from pipeline.llm.generation import prefill_groups
+
+    lengths = [500, 30, 480, 31, 470, 29, 2000, 5000, 32]
+    groups = prefill_groups(lengths, budget=1600)
+    assert sorted(k for g in groups for k in g) == list(range(len(lengths)))
+    assert groups[0] == [7] and groups[1] == [6]                     # longer than the budget: alone
+    assert [0, 2, 4] in groups and [8, 3, 1, 5] in groups            # similar lengths share a forward
+    for g in groups:
+        longest = max(lengths[k] for k in g)
+        assert len(g) == 1 or (len(g) * longest <= 1600 and sum(lengths[k] for k in g) >= 0.875 * len(g) * longest)
+
+
+def test_the_batch_fits_the_free_memory(engine, monkeypatch):
+    from pipeline.llm import generation
+
+    prompts = PROMPTS[:9]
+    expected = [c.text for c in engine.generate(prompts, max_new_tokens=16)]
+    widths = []
+    real = engine._decode
+
+    def spy(rows, *args):
+        widths.append((len(rows), max(len(r) for r in rows)))
+        return real(rows, *args)
+
+    per_token = engine.kv_bytes_per_token()
+    assert per_token and per_token % 4 == 0                  # float32 keys and values of every layer
+    longest = max(len(engine.encode(p)) for p in prompts)
+    monkeypatch.setattr(generation, "free_memory", lambda device: 2 * 2 * (2 * longest + 16) * per_token)
+    monkeypatch.setattr(engine, "_decode", spy)
+    assert [c.text for c in engine.generate(prompts, max_new_tokens=16)] == expected
+    assert widths[0] == (2, longest) and all(n <= 6 for n, _ in widths) and sum(n for n, _ in widths) == 9
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_models_answer_as_alone(arch):
+    """Models whose attention looks back a window only (Mistral; Gemma-2 alternates windowed and full layers): with
+    a window of 8 tokens and prompts of 15-100, the batched answers still equal one-at-a-time `generate`."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GenerationConfig, MistralConfig,
+                              MistralForCausalLM)
+
+    from pipeline.models import tiny
+
+    tok = tiny.byte_level_tokenizer()
+    config_class, model_class, extra = {"mistral": (MistralConfig, MistralForCausalLM, {}),
+                                        "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"head_dim": 32, "tie_word_embeddings": False})}[arch]
+    config = config_class(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, sliding_window=8,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          initializer_range=0.3, **extra)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    engine = HFEngine("", model=model, tokenizer=tok, batch_size=6)
+    prompts = PROMPTS[:8]
+    got = engine.generate(prompts, max_new_tokens=20)
+    assert len({c.text for c in got}) > 1
+    for prompt, completion in zip(prompts, got):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=20, pad_token_id=tok.pad_token_id)
+        assert completion.text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), prompt
