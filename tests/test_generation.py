@@ -84,6 +84,26 @@ def test_the_local_backend_answers_through_the_engine(tiny_model, tmp_path):
     assert again.complete_many(PROMPTS[:8], params) == answers and again.usage.sent == 0
 
 
+def test_the_local_backend_hands_the_engine_chunks_of_similar_length(tiny_model, tmp_path, monkeypatch):
+    """The client cuts a long prompt list into the engine's batches longest first (the engine sorts only within
+    what it is handed); answers come back in the prompts' order, equal to one call over the whole list."""
+    from pipeline.llm.client import Client, LocalBackend
+    from pipeline.llm.ledger import Ledger
+
+    backend = LocalBackend(str(tiny_model), "builtin:tiny")
+    params = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+    expected = [c.text for c in backend.engine.generate(PROMPTS, max_new_tokens=8)]
+    chunks = []
+    real = backend.complete_batch
+    monkeypatch.setattr(backend, "batch_size", 4)
+    monkeypatch.setattr(backend, "complete_batch", lambda prompts, *a: (chunks.append(prompts), real(prompts, *a))[1])
+    client = Client(backend, Ledger(tmp_path / "ledger.sqlite"), "builtin:tiny")
+    assert client.complete_many(PROMPTS, params) == expected
+    assert [len(c) for c in chunks] == [4, 4, 4, 2]
+    lengths = [[len(p) for p in c] for c in chunks]
+    assert all(min(a) >= max(b) for a, b in zip(lengths, lengths[1:])), lengths
+
+
 def test_a_local_model_folder_is_asked_by_its_content(tiny_model, tmp_path):
     import shutil
 

@@ -122,9 +122,12 @@ class Client:
                 if hasattr(self.backend, "acomplete"):
                     asyncio.run(self._complete_async(prompts, missing, params, sample_index, record, bar))
                 elif hasattr(self.backend, "complete_batch"):  # many prompts per forward pass
+                    # chunks of similar length (longest first), each answered whole and recorded when done: the
+                    # engine sorts within what it is handed, so an unsorted chunk would pad its short prompts
                     step = self.backend.batch_size
-                    for at in range(0, len(missing), step):
-                        chunk = missing[at:at + step]
+                    by_length = sorted(missing, key=lambda i: (-len(prompts[i]), i))
+                    for at in range(0, len(by_length), step):
+                        chunk = by_length[at:at + step]
                         for i, entry in zip(chunk, self.backend.complete_batch([prompts[i] for i in chunk], params,
                                                                                sample_index)):
                             record(i, entry)
