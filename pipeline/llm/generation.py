@@ -49,16 +49,30 @@ def prefill_groups(lengths: list[int], budget: int = PREFILL_TOKENS) -> list[lis
     return groups
 
 
+def _text_config(config):
+    """A model's config, or a multimodal one's text part."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_dim(config) -> int | None:
+    """The size of one attention head, from a model's config; None where the config does not say."""
+    text = _text_config(config)
+    head = getattr(text, "head_dim", None)
+    if head:
+        return int(head)
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return int(hidden) // int(heads) if hidden and heads else None
+
+
 def kv_bytes_per_token(config, itemsize: int) -> int | None:
     """A KV cache's bytes per token (every layer's keys and values, `itemsize` bytes a number), from a model's
     config (a multimodal one's text config); None where the config does not say."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    try:
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return 2 * int(text.num_hidden_layers) * int(heads) * int(head_dim) * int(itemsize)
-    except (AttributeError, TypeError, ZeroDivisionError):
+    text, head = _text_config(config), head_dim(config)
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
+    if not (head and layers and heads):
         return None
+    return 2 * int(layers) * int(heads) * head * int(itemsize)
 
 
 def free_memory(device) -> int | None:

