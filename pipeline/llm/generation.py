@@ -276,8 +276,9 @@ class HFEngine:
             last = out.logits[:, -1, :].float()
             if not len(logits):
                 logits = last.new_empty((len(rows), last.shape[-1]))
-            logits[torch.tensor(group, device=device)] = last
-            parts.append((torch.tensor(group, device=device), gw, part))
+            index = torch.tensor(group, device=device)
+            logits[index] = last
+            parts.append((index, gw, part))
         cache = Cache(layers=[_slots()(max_cache_len=length) for _ in parts[0][2].layers])
         for i in range(len(cache.layers)):
             k0, v0 = parts[0][2].layers[i].keys, parts[0][2].layers[i].values
